@@ -1,0 +1,199 @@
+"""Command line: ``python -m stages`` (also installed as ``fuse``).
+
+Exit codes: 0 success; 1 a stage failed or outputs do not verify; 2 the pipeline file,
+the arguments or the inputs are wrong. User mistakes print one finding line (an
+``::error`` annotation under GitHub Actions), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .findings import FuseError, render
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+USAGE_CODES = ("F1", "F2")  # pipeline-file and input findings: the user must change something first
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except FuseError as e:
+        print(render(e.finding), file=sys.stderr)
+        if os.environ.get("FUSE_DEBUG") and e.finding.extra.get("traceback"):
+            print("".join(e.finding.extra["traceback"]), file=sys.stderr)
+        return EXIT_USAGE if e.finding.code.startswith(USAGE_CODES) else EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted; run again to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="fuse", description="Fuse: validate -> merge -> quantize -> export -> publish "
+                                "a base model + PEFT adapter, declared in pipeline.yaml.")
+    p.add_argument("--version", action="version", version=f"fuse {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a pipeline (fresh stages are skipped)")
+    r.add_argument("pipeline")
+    r.add_argument("--from", dest="from_id", metavar="ID", help="start at this stage (earlier ones must be done)")
+    r.add_argument("--only", metavar="ID", help="run this stage alone (its upstream must be done)")
+    r.add_argument("--force", action="store_true", help="re-run the selected stages even if fresh")
+    r.add_argument("--full-verify", action="store_true", help="re-hash recorded outputs instead of the stat check")
+    _add_set(r)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="each stage: fresh / stale / failed, and why")
+    s.add_argument("pipeline")
+    s.add_argument("--json", action="store_true")
+    _add_set(s)
+    s.set_defaults(func=cmd_status)
+
+    sh = sub.add_parser("show", help="the manifest, readable")
+    sh.add_argument("target", help="a pipeline file or a workdir")
+    sh.add_argument("--json", action="store_true", help="print the manifest as it is")
+    sh.set_defaults(func=cmd_show)
+
+    v = sub.add_parser("verify", help="re-hash every recorded output; non-zero exit on any mismatch")
+    v.add_argument("target", help="a workdir (or a pipeline file)")
+    v.set_defaults(func=cmd_verify)
+
+    m = sub.add_parser("merge", help="one-shot merge of BASE + ADAPTER into OUT, no pipeline")
+    m.add_argument("base")
+    m.add_argument("adapter")
+    m.add_argument("out")
+    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    m.add_argument("--max-shard-size", default="5GB")
+    m.set_defaults(func=cmd_merge)
+    return p
+
+
+def _add_set(p):
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID.PARAM=VALUE",
+                   help="override a stage parameter, e.g. --set merge.dtype=float16 (repeatable)")
+
+
+def cmd_run(args) -> int:
+    from . import run
+
+    summary = run(args.pipeline, overrides=args.overrides, from_stage=args.from_id, only=args.only,
+                  force=args.force, full_verify=args.full_verify)
+    ran = [k for k, v in summary.items() if v == "done"]
+    print(f"fuse: {len(summary)} stages, {len(ran)} ran, {len(summary) - len(ran)} fresh and skipped", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import status
+
+    rows = status(args.pipeline, overrides=args.overrides)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("ID", "STAGE", "STATE", "TIME", "WHY")
+    table = [header] + [(r["id"], r["stage"], r["state"], f"{r['seconds']:.1f}s" if r["seconds"] is not None else "-",
+                         r["why"] + (f" [{r['error']}]" if r.get("error") else "")) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    return 0
+
+
+def _workdir(target: str) -> Path:
+    p = Path(target)
+    if p.is_file():
+        from .pipeline import load
+
+        return load(p).workdir
+    return p
+
+
+def cmd_show(args) -> int:
+    from .manifest import Manifest
+
+    m = Manifest.load(_workdir(args.target))
+    if not m.path.exists():
+        raise FuseError("F404", "no manifest.json: this pipeline has not run yet", file=m.path,
+                        fix="run it first: python -m stages run PIPELINE")
+    if args.json:
+        print(json.dumps(m.data, indent=2, sort_keys=True))
+        return 0
+    d = m.data
+    print(f"manifest   {m.path}")
+    print(f"run        {d.get('run_id')} started {d.get('started_at')} (previous {d.get('previous_run_id')})")
+    print(f"pipeline   {d.get('pipeline', {}).get('path')} sha256 {d.get('pipeline', {}).get('sha256', '')[:16]}")
+    print(f"tool       {d.get('tool', {}).get('name')} {d.get('tool', {}).get('version')}, python {d.get('python')}")
+    print("libraries  " + ", ".join(f"{k} {v}" for k, v in sorted(d.get("libraries", {}).items())))
+    if d.get("ci"):
+        print("ci         " + ", ".join(f"{k}={v}" for k, v in sorted(d["ci"].items())))
+    for sid, rec in m.stages.items():
+        outs = rec.get("outputs", [])
+        size = sum(f["size"] for f in outs)
+        secs = f"{rec['seconds']:.1f}s" if rec.get("seconds") is not None else "-"
+        print(f"\n[{sid}] {rec.get('stage')} v{rec.get('version')}: {rec.get('status')} in {secs}")
+        print(f"  fingerprint {rec.get('fingerprint')}")
+        if rec.get("params"):
+            print("  params      " + ", ".join(f"{k}={v}" for k, v in sorted(rec["params"].items())))
+        inputs = rec.get("fingerprint_inputs", {}).get("inputs", {})
+        if inputs.get("base"):
+            b = inputs["base"]
+            print(f"  base        {b.get('name')} ({b.get('kind')}) {b.get('digest', '')[:23]}"
+                  + (f" @ {b['revision']}" if b.get("revision") else ""))
+        for a in inputs.get("adapters", []):
+            print(f"  adapter     {a['path']} x{a['weight']} {a['digest'][:23]}")
+        if inputs.get("upstream"):
+            print(f"  reads       {inputs['upstream']['id']} {str(inputs['upstream']['digest'])[:23]}")
+        if outs:
+            print(f"  outputs     {len(outs)} files, {size / 1e6:.1f} MB in {m.workdir / rec.get('output_dir', sid)}")
+            for f in outs:
+                print(f"    {f['sha256'][:16]}  {f['size']:>12}  {f['path']}")
+        if rec.get("external"):
+            print(f"  published   {len(rec['external']['files'])} files to {rec['external']['root']}")
+        for k, v in (rec.get("metrics") or {}).items():
+            print(f"  metric      {k} = {v}")
+        for w in rec.get("warnings", []):
+            print(f"  warning     {w.get('code')} {w.get('message')}")
+        if rec.get("error"):
+            print(f"  error       {rec['error'].get('code')} {rec['error'].get('message')}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from . import verify
+
+    workdir = _workdir(args.target)
+    problems = verify(workdir)
+    for p in problems:
+        print(render(_finding("F403", p, str(workdir))), file=sys.stderr)
+    if problems:
+        return EXIT_FAILED
+    print(f"fuse: every recorded output in {workdir} matches its sha256", file=sys.stderr)
+    return 0
+
+
+def _finding(code, message, file):
+    from .findings import Finding
+
+    return Finding(code=code, message=message, file=file, fix="re-run the stage that wrote it (run --force)")
+
+
+def cmd_merge(args) -> int:
+    from . import merge
+
+    metrics = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(json.dumps(metrics, indent=2), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

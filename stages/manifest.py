@@ -1,0 +1,279 @@
+"""The run manifest: one JSON file per workdir, the single commit point of every stage.
+
+It records what went in (digests, parameters, library versions), what came out (every
+file's size and sha256) and how it went (status, metrics, errors), so that a run can
+resume, hop machines, and be audited. Writes are atomic: temp file, fsync,
+``os.replace``, fsync of the directory.
+
+The skip rule (DESIGN §3) lives here: a stage is fresh when its fingerprint equals the
+recorded one and its recorded outputs still verify. Verification is cheap by default
+(size, mtime and inode against what was recorded, as DVC's state db does) and full
+(re-hash) on request.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from .findings import FuseError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+STAT_CACHE = ".fuse-statcache.json"
+# libraries whose versions can change a stage's output; recorded for every run
+TRACKED_LIBS = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "accelerate", "gguf",
+                "tokenizers", "numpy", "pyyaml")
+CHUNK = 8 << 20
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("fuse-llm")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
+def library_versions(names=TRACKED_LIBS) -> dict:
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def ci_context() -> dict:
+    """GitHub Actions context, when present: enough to find the run that produced the outputs."""
+    keys = ("GITHUB_REPOSITORY", "GITHUB_SHA", "GITHUB_REF", "GITHUB_RUN_ID", "GITHUB_RUN_ATTEMPT",
+            "GITHUB_WORKFLOW_REF", "RUNNER_OS", "RUNNER_NAME")
+    ctx = {k.lower(): os.environ[k] for k in keys if os.environ.get(k)}
+    return ctx
+
+
+def canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def fingerprint(obj) -> str:
+    return "sha256:" + hashlib.sha256(canonical(obj)).hexdigest()
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def file_record(root: Path, rel: str, sha256: str | None = None) -> dict:
+    """size + sha256 + the stat fields the cheap verify compares."""
+    st = os.stat(root / rel)
+    return {"path": rel, "size": st.st_size, "sha256": sha256 or sha256_file(root / rel),
+            "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def list_files(root: Path) -> list[str]:
+    """Every regular file under root, relative, sorted (deterministic order)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def tree_digest(files: list[dict]) -> str:
+    """One digest for a set of files: sha256 over sorted (path, sha256) pairs."""
+    return fingerprint(sorted((f["path"], f["sha256"]) for f in files))
+
+
+class StatCache:
+    """sha256 of input files keyed by (path, size, mtime_ns, inode): re-hashing a 140 GB
+    base on every run is not acceptable, and a changed file changes its stat."""
+
+    def __init__(self, path: Path | None):
+        self.path = path  # None: in memory only
+        self.entries: dict = {}
+        self.dirty = False
+        try:
+            self.entries = json.loads(path.read_text()) if path else {}
+        except (FileNotFoundError, ValueError):
+            self.entries = {}
+
+    def sha256(self, file: Path) -> str:
+        st = os.stat(file)
+        key = str(Path(file).resolve())
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = self.entries.get(key)
+        if hit and hit[:3] == stamp:
+            return hit[3]
+        digest = sha256_file(file)
+        self.entries[key] = stamp + [digest]
+        self.dirty = True
+        return digest
+
+    def tree(self, root: Path) -> tuple[str, list[dict]]:
+        """Digest of a file or directory, and its per-file records (path, size, sha256)."""
+        root = Path(root)
+        if root.is_file():
+            files = [{"path": root.name, "size": root.stat().st_size, "sha256": self.sha256(root)}]
+        else:
+            files = [{"path": rel, "size": (root / rel).stat().st_size, "sha256": self.sha256(root / rel)}
+                     for rel in list_files(root)]
+        return tree_digest(files), files
+
+    def save(self):
+        if self.dirty and self.path:
+            atomic_write(self.path, canonical(self.entries))
+            self.dirty = False
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes):
+    """temp file in the same directory, fsync, rename over, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+class Manifest:
+    """The manifest of one workdir. ``data['stages'][id]`` is one stage's record."""
+
+    def __init__(self, workdir: Path, data: dict | None = None, secrets=()):
+        self.workdir = Path(workdir)
+        self.path = self.workdir / MANIFEST
+        self.secrets = {s for s in secrets if s}
+        self.data = data or {"schema_version": SCHEMA_VERSION, "stages": {}}
+        self.dirty = False
+
+    @classmethod
+    def load(cls, workdir: Path, secrets=()) -> "Manifest":
+        path = Path(workdir) / MANIFEST
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls(workdir, secrets=secrets)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FuseError("F404", f"manifest is not valid JSON ({e})", file=path,
+                            fix="restore it from the run's artifact, or delete the workdir to start over") from None
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            raise FuseError("F404", f"manifest schema {data.get('schema_version') if isinstance(data, dict) else '?'}"
+                                    f" is not {SCHEMA_VERSION}", file=path,
+                            fix="run with the Fuse version that wrote it, or delete the workdir")
+        data.setdefault("stages", {})
+        return cls(workdir, data, secrets)
+
+    @property
+    def stages(self) -> dict:
+        return self.data["stages"]
+
+    def record(self, stage_id: str) -> dict | None:
+        return self.stages.get(stage_id)
+
+    def begin_run(self, pipeline) -> None:
+        """Top-level facts of this invocation. A resumed run keeps a pointer to the previous run id."""
+        previous = self.data.get("run_id")
+        self.data.update({
+            "schema_version": SCHEMA_VERSION,
+            "run_id": uuid.uuid4().hex,
+            "previous_run_id": previous,
+            "started_at": now(),
+            "tool": {"name": "fuse-llm", "version": tool_version()},
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "libraries": library_versions(),
+            "ci": ci_context(),
+            "pipeline": {"path": str(pipeline.path), "sha256": pipeline.sha256, "resolved": pipeline.recorded},
+        })
+
+    def save(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.data, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+        atomic_write(self.path, redact(text, self.secrets).encode("utf-8"))
+        self.dirty = False
+
+    # -- verification -------------------------------------------------------------------
+
+    def verify_outputs(self, stage_id: str, full: bool = False) -> list[str]:
+        """Problems with the recorded outputs of one stage (empty list: they verify).
+
+        Cheap mode re-hashes only files whose size, mtime or inode moved (e.g. a workdir
+        copied from another runner); a file that still hashes right gets its new stat
+        recorded, so the next check is cheap again.
+        """
+        rec = self.record(stage_id) or {}
+        problems = []
+        for root, files in self.recorded_files(stage_id):
+            for f in files:
+                p = root / f["path"]
+                try:
+                    st = os.stat(p)
+                except FileNotFoundError:
+                    problems.append(f"{p}: missing")
+                    continue
+                if st.st_size != f["size"]:
+                    problems.append(f"{p}: size {st.st_size} bytes, the manifest says {f['size']}")
+                elif full or st.st_mtime_ns != f.get("mtime_ns") or st.st_ino != f.get("inode"):
+                    if sha256_file(p) != f["sha256"]:
+                        problems.append(f"{p}: sha256 differs from the manifest")
+                    elif (f.get("mtime_ns"), f.get("inode")) != (st.st_mtime_ns, st.st_ino):
+                        f["mtime_ns"], f["inode"] = st.st_mtime_ns, st.st_ino
+                        self.dirty = True
+        return problems
+
+    def recorded_files(self, stage_id: str) -> list[tuple[Path, list[dict]]]:
+        """(root, file records) of a stage: its output dir, and any external target (publish to dir)."""
+        rec = self.record(stage_id) or {}
+        out = [(self.workdir / rec.get("output_dir", stage_id), rec.get("outputs", []))]
+        ext = rec.get("external")
+        if ext:
+            out.append((Path(ext["root"]), ext.get("files", [])))
+        return out
+
+
+def redact(text: str, secrets) -> str:
+    for s in sorted(secrets, key=len, reverse=True):
+        if len(s) >= 4:
+            text = text.replace(s, "***")
+    return text
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,183 @@
+"""The pipeline file: every mistake is one finding naming file:line:key, exit 2, no traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from stages.findings import FuseError
+from stages.pipeline import load
+
+GOOD = """\
+version: 1
+name: demo
+base: base
+adapter: adapter
+stages:
+  - validate
+  - merge: {dtype: bfloat16}
+  - publish: {to: dir, path: out}
+"""
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "adapter").mkdir()
+    return tmp_path
+
+
+def write(tree: Path, text: str, name="pipeline.yaml") -> Path:
+    p = tree / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_good_pipeline_resolves_paths_ids_and_defaults(tree):
+    p = load(write(tree, GOOD))
+    assert p.name == "demo"
+    assert p.base == str((tree / "base").resolve())
+    assert p.adapters[0].path == (tree / "adapter").resolve() and p.adapters[0].weight == 1.0
+    assert p.workdir == (tree / "runs" / "demo").resolve()  # default workdir runs/${name}, relative to the file
+    assert [s.id for s in p.stages] == ["validate", "merge", "publish"]
+    assert p.stage("merge").params == {"dtype": "bfloat16", "max_shard_size": "5GB"}
+    assert p.stage("publish").params["path"] == str((tree / "out").resolve())
+
+
+def test_paths_resolve_against_the_pipeline_dir_not_the_cwd(tree, monkeypatch):
+    sub = tree / "elsewhere"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    p = load(write(tree, GOOD))
+    assert p.base == str((tree / "base").resolve())
+
+
+def test_interpolation_name_env_and_set(tree, monkeypatch):
+    monkeypatch.setenv("OUT_DIR", "published")
+    monkeypatch.setenv("SECRET_TOKEN", "hf_supersecretvalue")
+    text = GOOD.replace("path: out", "path: '${env.OUT_DIR}/${name}'").replace(
+        "version: 1", "version: 1\nworkdir: work/${name}")
+    p = load(write(tree, text), overrides=["merge.dtype=float16"])
+    assert p.workdir == (tree / "work" / "demo").resolve()
+    assert p.stage("publish").params["path"] == str((tree / "published" / "demo").resolve())
+    # what may be written down keeps the placeholder, not the value
+    assert p.stage("publish").recorded["path"] == "${env.OUT_DIR}/${name}"
+    assert p.stage("merge").params["dtype"] == "float16"
+    assert "published" in p.secrets
+
+
+def test_same_stage_twice_with_ids_and_from(tree):
+    text = GOOD + "  - publish: {id: publish-2, to: dir, path: out2, from: merge}\n"
+    p = load(write(tree, text))
+    assert p.stage("publish-2").from_id == "merge"
+
+
+def test_hub_id_base_is_kept_for_resolution_at_run_time(tree):
+    p = load(write(tree, GOOD.replace("base: base", "base: HuggingFaceTB/SmolLM2-135M@main")))
+    assert p.base == "HuggingFaceTB/SmolLM2-135M@main"
+
+
+CASES = [
+    ("bad yaml", "name: demo\nbase: [unclosed\nadapter: adapter\n", "F101", 3, None),
+    ("tab indentation", "name: demo\nstages:\n\t- merge\n", "F101", 3, None),
+    ("unknown top key", GOOD + "extra: 1\n", "F102", 9, "extra"),
+    ("unknown stage param", GOOD.replace("{dtype: bfloat16}", "{dtyp: bfloat16}"), "F102", 7, "merge.dtyp"),
+    ("duplicate yaml key", GOOD.replace("name: demo", "name: demo\nname: again"), "F102", 3, "name"),
+    ("wrong type", GOOD.replace("{dtype: bfloat16}", "{dtype: 16}"), "F103", 7, "merge.dtype"),
+    ("bad choice", GOOD.replace("{dtype: bfloat16}", "{dtype: int3}"), "F103", 7, "merge.dtype"),
+    ("stages not a list", GOOD.split("stages:")[0] + "stages: merge\n", "F103", 5, "stages"),
+    ("version 2", GOOD.replace("version: 1", "version: 2"), "F103", 1, "version"),
+    ("bad name", GOOD.replace("name: demo", "name: 'a b/c'"), "F103", 2, "name"),
+    ("missing base", GOOD.replace("base: base\n", ""), "F104", 1, "base"),
+    ("missing stages", GOOD.split("stages:")[0], "F104", 1, "stages"),
+    ("missing publish target", GOOD.replace("{to: dir, path: out}", "{path: out}"), "F104", 8, "publish.to"),
+    ("missing base path", GOOD.replace("base: base", "base: ./no/such/model"), "F105", 3, "base"),
+    ("missing adapter path", GOOD.replace("adapter: adapter", "adapter: missing-adapter"), "F105", 4, "adapter"),
+    ("duplicate id", GOOD + "  - merge\n", "F106", 9, "stages[3]"),
+    ("unknown stage", GOOD + "  - quantise\n", "F107", 9, "stages[3]"),
+    ("from names no earlier stage", GOOD.replace("{to: dir, path: out}", "{to: dir, path: out, from: nope}"),
+     "F108", 8, "publish.from"),
+    ("publish without a model", GOOD.replace("  - merge: {dtype: bfloat16}\n", ""), "F108", 7, "publish"),
+    ("undefined env var", GOOD.replace("path: out", "path: '${env.FUSE_TEST_UNSET_VAR}'"), "F110", 8, "path"),
+    ("unknown variable", GOOD.replace("path: out", "path: '${nme}'"), "F110", 8, "path"),
+]
+
+
+@pytest.mark.parametrize("label,text,code,line,key", CASES, ids=[c[0] for c in CASES])
+def test_each_mistake_names_file_line_and_key(tree, label, text, code, line, key):
+    path = write(tree, text)
+    with pytest.raises(FuseError) as e:
+        load(path)
+    f = e.value.finding
+    assert f.code == code, f.line_text()
+    assert f.file == str(path)
+    assert f.line == line, f.line_text()
+    if key:
+        assert key in (f.key or ""), f.line_text()
+
+
+SET_CASES = [
+    ("merge.dtype", "F109"),  # no '='
+    ("nosuch.dtype=float16", "F109"),
+    ("merge.dtyp=float16", "F109"),
+    ("merge.dtype=float8", "F109"),
+]
+
+
+@pytest.mark.parametrize("override,code", SET_CASES)
+def test_bad_set_overrides(tree, override, code):
+    with pytest.raises(FuseError) as e:
+        load(write(tree, GOOD), overrides=[override])
+    assert e.value.finding.code == code
+    assert e.value.finding.file == "--set"
+
+
+def test_missing_pipeline_file(tmp_path):
+    with pytest.raises(FuseError) as e:
+        load(tmp_path / "nope.yaml")
+    assert e.value.finding.code == "F105"
+
+
+def test_non_utf8_pipeline(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(FuseError) as e:
+        load(p)
+    assert e.value.finding.code == "F101"
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "stages", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+@pytest.mark.parametrize("label,text,code,line,key", [CASES[i] for i in (0, 2, 5, 13, 15)],
+                         ids=[CASES[i][0] for i in (0, 2, 5, 13, 15)])
+def test_cli_prints_one_finding_exit_2_no_traceback(tree, label, text, code, line, key):
+    path = write(tree, text)
+    r = cli("run", str(path))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error {code} {path}:{line}"), r.stderr
+    assert not (tree / "runs").exists()  # nothing written
+
+
+def test_cli_annotation_under_github_actions(tree):
+    path = write(tree, CASES[2][1])
+    r = cli("run", str(path), env={"GITHUB_ACTIONS": "true"})
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"::error file={path},line=9,title=F102"), r.stderr
+
+
+def test_pipeline_error_is_reported_before_torch_loads(tree):
+    """Lazy imports: a bad pipeline must not wait for `import torch`."""
+    path = write(tree, CASES[2][1])
+    code = ("import sys, stages.__main__ as m; rc = m.main(['run', %r]); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)" % str(path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False False", r.stdout + r.stderr
