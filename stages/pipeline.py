@@ -166,11 +166,23 @@ def _compose(text: str, file: str) -> tuple[Any, _Located]:
 # --------------------------------------------------------------------------- interpolation
 
 
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
+
+
+def is_secret_name(var: str) -> bool:
+    """Environment variables whose values are never printed or written (HF_TOKEN, AWS_SECRET_ACCESS_KEY...)."""
+    return bool(_SECRET_NAME.search(var))
+
+
+def secret_env_values() -> set[str]:
+    return {v for k, v in os.environ.items() if v and is_secret_name(k)}
+
+
 class _Interpolator:
     """Expands ``${name}``, ``${env.VAR}`` and ``${pkg.MODULE}`` in strings.
 
-    Values that came from the environment are remembered as secrets, so they can be
-    redacted from logs and written down as their placeholder instead.
+    Values that came from the environment are written down as their placeholder; those of
+    secret-looking variables (tokens, keys, passwords) are also redacted from logs.
     """
 
     def __init__(self, top: dict, located: _Located):
@@ -191,7 +203,7 @@ class _Interpolator:
                                     line=self.located.at(path), key=_fmt(path),
                                     fix=f"export {var}=... before running, or remove ${{env.{var}}}")
                 val = os.environ[var]
-                if val:
+                if val and is_secret_name(var):
                     self.secrets.add(val)
                 return val
             if expr.startswith("pkg."):

@@ -20,7 +20,7 @@ from typing import Callable
 
 from . import manifest as mf
 from .findings import Finding, FuseError
-from .pipeline import Pipeline, StageSpec, upstream_of
+from .pipeline import Pipeline, StageSpec, secret_env_values, upstream_of
 from .progress import Progress
 
 
@@ -73,6 +73,7 @@ class Runner:
     def __init__(self, pipeline: Pipeline, *, force: bool = False, log: Callable[[str], None] | None = None,
                  full_verify: bool = False):
         self.p = pipeline
+        self.secrets = set(pipeline.secrets) | secret_env_values()
         self.workdir = pipeline.workdir
         self.force = force
         self.full_verify = full_verify
@@ -86,7 +87,7 @@ class Runner:
     # -- logging: every line passes the redactor ---------------------------------------
 
     def log(self, msg: str):
-        self._log(mf.redact(str(msg), self.p.secrets))
+        self._log(mf.redact(str(msg), self.secrets))
 
     # -- workdir lock and housekeeping --------------------------------------------------
 
@@ -124,7 +125,7 @@ class Runner:
 
     def open(self):
         self.cache = mf.StatCache(self.workdir / mf.STAT_CACHE)
-        self.manifest = mf.Manifest.load(self.workdir, secrets=self.p.secrets)
+        self.manifest = mf.Manifest.load(self.workdir, secrets=self.secrets)
 
     # -- inputs and fingerprints --------------------------------------------------------
 
@@ -310,16 +311,21 @@ class Runner:
     def status(self) -> list[dict]:
         """Each stage: done / fresh / stale / failed / running, with the reason (no lock, no writes)."""
         self.open()
-        rows = []
+        rows, stale = [], set()
         for s in self.p.stages:
             rec = self.manifest.record(s.id) or {}
+            up = upstream_of(s, self.p.stages) if s.module.INPUT else None
             try:
                 ev = self.evaluate(s)
+                if ev.fresh and up is not None and up.id in stale:
+                    ev = Evaluation(False, f"upstream '{up.id}' is stale and will run first")
                 state = "fresh" if ev.fresh else ("failed" if rec.get("status") == "failed" else
                                                   "interrupted" if rec.get("status") == "running" else "stale")
                 why = ev.why
             except FuseError as e:
                 state, why = "unknown", e.finding.message
+            if state != "fresh":
+                stale.add(s.id)
             rows.append({"id": s.id, "stage": s.name, "status": rec.get("status", "never ran"), "state": state,
                          "why": why, "seconds": rec.get("seconds"), "finished_at": rec.get("finished_at"),
                          "error": (rec.get("error") or {}).get("message")})

@@ -117,3 +117,13 @@ def test_corrupt_manifest_is_a_finding(tmp_path):
         assert e.finding.code == "F404"
     else:
         raise AssertionError("expected F404")
+
+
+def test_docs_list_every_finding_code():
+    from pathlib import Path
+
+    from stages.findings import CODES
+
+    text = (Path(__file__).parents[1] / "docs" / "findings.md").read_text()
+    missing = [c for c in CODES if f"`{c}`" not in text]
+    assert not missing, f"docs/findings.md lacks {missing}"

@@ -1,0 +1,304 @@
+"""The runner end to end on a tiny Llama: skip rule, resume after kill -9, lock, full disk, secrets.
+
+Each scenario runs the real CLI in a subprocess, as a user or CI would.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from factory import make_lora_adapter, make_tiny_model
+
+PIPELINE = """\
+version: 1
+name: tiny
+base: base
+adapter: adapter
+workdir: {workdir}
+stages:
+  - validate
+  - merge: {{dtype: bfloat16, max_shard_size: 40KB}}
+  - publish: {{to: dir, path: dist}}
+"""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    make_tiny_model("llama", root / "base", dtype=__import__("torch").bfloat16)
+    make_lora_adapter(root / "base", root / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, inputs):
+    for name in ("base", "adapter"):
+        (tmp_path / name).symlink_to(inputs / name)
+    write_pipeline(tmp_path)
+    return tmp_path
+
+
+def write_pipeline(root: Path, workdir="runs/tiny", text=PIPELINE) -> Path:
+    p = root / "pipeline.yaml"
+    p.write_text(text.format(workdir=workdir))
+    return p
+
+
+def fuse(*args, cwd, env=None, check=True):
+    r = subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"fuse {' '.join(args)} exited {r.returncode}:\n{r.stderr}")
+    return r
+
+
+def snapshot(root: Path) -> dict:
+    """path -> (sha256, mtime_ns) of every file under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+    return out
+
+
+def manifest(project) -> dict:
+    return json.loads((project / "runs/tiny/manifest.json").read_text())
+
+
+def test_run_then_rerun_skips_everything_and_rewrites_nothing(project, inputs):
+    base_before = snapshot(inputs / "base")
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "3 ran" in r.stderr
+    m = manifest(project)
+    assert {k: v["status"] for k, v in m["stages"].items()} == {"validate": "done", "merge": "done", "publish": "done"}
+    outputs = snapshot(project / "runs/tiny/merge") | {"dist/" + k: v for k, v in snapshot(project / "dist").items()}
+    manifest_before = (project / "runs/tiny/manifest.json").read_bytes()
+
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "0 ran, 3 fresh and skipped" in r.stderr
+    after = snapshot(project / "runs/tiny/merge") | {"dist/" + k: v for k, v in snapshot(project / "dist").items()}
+    assert after == outputs  # same sha256 and mtimes: nothing rewritten
+    assert (project / "runs/tiny/manifest.json").read_bytes() == manifest_before
+    assert snapshot(inputs / "base") == base_before  # the base is never modified
+
+
+def test_published_model_loads_and_carries_provenance(project):
+    fuse("run", "pipeline.yaml", cwd=project)
+    dist = project / "dist"
+    names = set(os.listdir(dist))
+    assert {"README.md", "fuse-provenance.json", "SHA256SUMS", "config.json", "model.safetensors.index.json"} <= names
+    assert not any(n.startswith("adapter_") for n in names)
+    # SHA256SUMS covers every other file and is right
+    sums = dict(reversed(line.split("  ", 1)) for line in (dist / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == names - {"SHA256SUMS"}
+    for name, sha in sums.items():
+        assert hashlib.sha256((dist / name).read_bytes()).hexdigest() == sha
+    card = (dist / "README.md").read_text()
+    assert "base_model_relation: finetune" in card and "library_name: transformers" in card
+    prov = json.loads((dist / "fuse-provenance.json").read_text())
+    assert "run_id" not in json.dumps(prov) and "_at" not in json.dumps(prov)  # deterministic: no times, no ids
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(dist)
+    assert model.config.model_type == "llama"
+
+
+def test_published_files_are_deterministic_across_workdirs(project, tmp_path_factory):
+    fuse("run", "pipeline.yaml", cwd=project)
+    first = {k: v[0] for k, v in snapshot(project / "dist").items()}
+    other = tmp_path_factory.mktemp("other")
+    for name in ("base", "adapter"):
+        (other / name).symlink_to((project / name).resolve())
+    write_pipeline(other, workdir="elsewhere/w")
+    fuse("run", "pipeline.yaml", cwd=other)
+    assert {k: v[0] for k, v in snapshot(other / "dist").items()} == first
+
+
+def test_changing_a_parameter_reruns_that_stage_and_after_not_before(project):
+    fuse("run", "pipeline.yaml", cwd=project)
+    r = fuse("run", "pipeline.yaml", "--set", "merge.dtype=float16", cwd=project)
+    assert "[validate] fresh, skipped" in r.stderr
+    assert "[merge] running: parameter dtype changed ('bfloat16' → 'float16')" in r.stderr
+    assert "[publish] running: upstream output changed" in r.stderr
+    cfg = json.loads((project / "dist/config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "float16"
+    status = json.loads(fuse("status", "pipeline.yaml", "--json", cwd=project).stdout)
+    assert [r["state"] for r in status] == ["fresh", "stale", "stale"]  # without --set, merge is stale again
+    assert "dtype" in status[1]["why"]
+
+
+def test_verify_catches_a_flipped_byte_in_any_output(project):
+    fuse("run", "pipeline.yaml", cwd=project)
+    assert fuse("verify", "runs/tiny", cwd=project).returncode == 0
+    recorded = [(Path("runs/tiny") / s["output_dir"] / f["path"]) for s in manifest(project)["stages"].values()
+                for f in s["outputs"]] + [Path("dist") / f["path"] for f in manifest(project)["stages"]["publish"]["external"]["files"]]
+    assert len(recorded) > 8
+    for rel in recorded:
+        p = project / rel
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(data)
+        r = fuse("verify", "runs/tiny", cwd=project, check=False)
+        assert r.returncode == 1 and str(rel.name) in r.stderr and "F403" in r.stderr, (rel, r.stderr)
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(data)
+    assert fuse("verify", "runs/tiny", cwd=project).returncode == 0
+
+
+def test_a_changed_output_makes_its_stage_stale_and_reruns_it(project):
+    fuse("run", "pipeline.yaml", cwd=project)
+    (project / "dist/config.json").write_text("{}")
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "[publish] running: outputs changed" in r.stderr and "[merge] fresh" in r.stderr
+    assert json.loads((project / "dist/config.json").read_text()) != {}
+
+
+# A wrapper that pauses the merge after its first tensor, so the test can kill it there.
+PAUSING = textwrap.dedent("""
+    import os, sys, time
+    from stages.io import safetensors as st
+    real = st.ShardedWriter.write
+    def write(self, *a, **kw):
+        real(self, *a, **kw)
+        open(os.environ["FUSE_TEST_MARK"], "w").close()
+        time.sleep(float(os.environ.get("FUSE_TEST_SLEEP", "60")))
+    st.ShardedWriter.write = write
+    from stages.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def start_paused(project, *args):
+    mark = project / "paused.mark"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING, *args], cwd=project, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FUSE_TEST_MARK": str(mark)}, start_new_session=True)
+    deadline = time.time() + 120
+    while not mark.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "merge never started"
+        time.sleep(0.05)
+    return proc
+
+
+def test_kill_9_during_merge_then_resume_gives_identical_outputs(project, tmp_path_factory):
+    # the reference: an uninterrupted run elsewhere
+    ref = tmp_path_factory.mktemp("ref")
+    for name in ("base", "adapter"):
+        (ref / name).symlink_to((project / name).resolve())
+    write_pipeline(ref)
+    fuse("run", "pipeline.yaml", cwd=ref)
+
+    proc = start_paused(project, "run", "pipeline.yaml")
+    assert list((project / "runs/tiny").glob(".tmp-merge-*"))  # half-written output exists, in a temp dir only
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "runs/tiny/merge").exists()
+    assert manifest(project)["stages"]["merge"]["status"] == "running"
+    status = json.loads(fuse("status", "pipeline.yaml", "--json", cwd=project).stdout)
+    assert status[1]["state"] == "interrupted"
+
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "[validate] fresh" in r.stderr and "[merge] running: interrupted" in r.stderr
+    assert not list((project / "runs/tiny").glob(".tmp-*"))
+    assert {k: v[0] for k, v in snapshot(project / "runs/tiny/merge").items()} == \
+        {k: v[0] for k, v in snapshot(ref / "runs/tiny/merge").items()}
+    assert {k: v[0] for k, v in snapshot(project / "dist").items()} == {k: v[0] for k, v in snapshot(ref / "dist").items()}
+
+
+def test_second_run_on_a_locked_workdir_stops_with_a_clear_message(project):
+    proc = start_paused(project, "run", "pipeline.yaml")
+    try:
+        r = fuse("run", "pipeline.yaml", cwd=project, check=False)
+        assert r.returncode == 1 and "F401" in r.stderr and "another Fuse run" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    fuse("run", "pipeline.yaml", cwd=project)  # the lock died with the process
+
+
+def test_lock_is_held_while_running(project):
+    (project / "runs/tiny").mkdir(parents=True)
+    fd = os.open(project / "runs/tiny/.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        r = fuse("run", "pipeline.yaml", cwd=project, check=False)
+        assert r.returncode == 1 and "F401" in r.stderr
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_not_enough_space_is_caught_before_the_merge(project, small_tmpfs):
+    write_pipeline(project, workdir=str(small_tmpfs / "w"))
+    r = fuse("run", "pipeline.yaml", cwd=project, check=False)
+    assert r.returncode == 1 and "F402" in r.stderr and str(small_tmpfs) in r.stderr and "needs about" in r.stderr
+    assert not (small_tmpfs / "w/merge").exists()
+
+
+DISK_LIES = textwrap.dedent("""
+    import shutil, sys
+    from collections import namedtuple
+    shutil.disk_usage = lambda p: namedtuple("u", "total used free")(10**12, 0, 10**12)  # the pre-check is fooled
+    from stages.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_disk_full_mid_stage_is_clear_leaves_nothing_and_resumes(project, small_tmpfs):
+    write_pipeline(project, workdir=str(small_tmpfs / "w"))
+    r = subprocess.run([sys.executable, "-c", DISK_LIES, "run", "pipeline.yaml"], cwd=project, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "F402" in r.stderr and "disk full" in r.stderr and str(small_tmpfs) in r.stderr, r.stderr
+    w = small_tmpfs / "w"
+    assert not (w / "merge").exists() and not list(w.glob(".tmp-*"))  # no partial output visible
+    assert json.loads((w / "manifest.json").read_text())["stages"]["merge"]["status"] == "failed"
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_tmpfs)], check=True)
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "[validate] fresh" in r.stderr and "[merge] running: failed last time" in r.stderr
+    assert fuse("verify", str(w), cwd=project).returncode == 0
+
+
+def test_no_secret_from_env_reaches_manifest_or_logs(project):
+    secret = "hf_SECRET_a8f7d6e5c4b3"
+    text = PIPELINE.replace("path: dist", "path: '${{env.FUSE_TEST_TOKEN}}-dist'")
+    write_pipeline(project, text=text)
+    r = fuse("run", "pipeline.yaml", cwd=project, env={"FUSE_TEST_TOKEN": secret})
+    r2 = fuse("show", "pipeline.yaml", cwd=project, env={"FUSE_TEST_TOKEN": secret})
+    r3 = fuse("status", "pipeline.yaml", cwd=project, env={"FUSE_TEST_TOKEN": secret})
+    assert (project / f"{secret}-dist/config.json").exists()  # the value was used...
+    workdir_text = "".join(p.read_text(errors="replace") for p in (project / "runs/tiny").rglob("*")
+                           if p.is_file() and p.suffix in (".json", ".md", "") and p.stat().st_size < 10**6)
+    for text in (r.stderr, r.stdout, r2.stdout, r2.stderr, r3.stdout, workdir_text):
+        assert secret not in text  # ...but never written down or printed
+    assert "${env.FUSE_TEST_TOKEN}" in (project / "runs/tiny/manifest.json").read_text()
+
+
+def test_from_and_only_resume_a_part(project):
+    fuse("run", "pipeline.yaml", cwd=project)
+    r = fuse("run", "pipeline.yaml", "--only", "publish", "--force", cwd=project)
+    assert "[publish] running: forced" in r.stderr and "[merge]" not in r.stderr
+    assert "0 copied" in r.stderr  # re-publishing an unchanged model copies nothing
+    r = fuse("run", "pipeline.yaml", "--from", "merge", cwd=project)
+    assert "[validate]" not in r.stderr and "[merge] fresh" in r.stderr
