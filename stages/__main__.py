@@ -145,12 +145,13 @@ def cmd_show(args) -> int:
         if rec.get("params"):
             print("  params      " + ", ".join(f"{k}={v}" for k, v in sorted(rec["params"].items())))
         inputs = rec.get("fingerprint_inputs", {}).get("inputs", {})
+        sources = rec.get("sources", {})
         if inputs.get("base"):
             b = inputs["base"]
-            print(f"  base        {b.get('name')} ({b.get('kind')}) {b.get('digest', '')[:23]}"
+            print(f"  base        {sources.get('base', {}).get('name', '?')} ({b.get('kind')}) {b.get('digest', '')[:23]}"
                   + (f" @ {b['revision']}" if b.get("revision") else ""))
-        for a in inputs.get("adapters", []):
-            print(f"  adapter     {a['path']} x{a['weight']} {a['digest'][:23]}")
+        for a, path in zip(inputs.get("adapters", []), sources.get("adapters", [])):
+            print(f"  adapter     {path} x{a['weight']} {a['digest'][:23]}")
         if inputs.get("upstream"):
             print(f"  reads       {inputs['upstream']['id']} {str(inputs['upstream']['digest'])[:23]}")
         if outs:

@@ -37,7 +37,9 @@ def provenance(ctx) -> dict:
         chain.insert(0, spec)
         spec = upstream_of(spec, p.stages) if spec.module.INPUT else None
     first = m.record(chain[0].id)["fingerprint_inputs"]["inputs"]
-    base = dict(first["base"])
+    base = dict(first["base"], name=m.record(chain[0].id).get("sources", {}).get("base", {}).get("name", ""))
+    if base["kind"] != "hub":  # a local path says nothing to the reader of the card
+        base["name"] = Path(base["name"]).name
     adapters = []
     for a, spec in zip(first["adapters"], p.adapters):
         cfg = _adapter_config(spec.path)

@@ -137,14 +137,23 @@ class Runner:
         return self._base
 
     def input_digests(self) -> dict:
-        """Digests of the base and adapters (hashed once per file thanks to the stat cache)."""
+        """Digests of the base and adapters (hashed once per file thanks to the stat cache).
+
+        Content only, no local paths: a workdir copied to another machine, where the
+        checkout lives elsewhere, still finds its stages fresh.
+        """
         if self._input_digests is None:
             adapters = []
             for a in self.p.adapters:
                 digest, _ = self.cache.tree(a.path)
-                adapters.append({"path": str(a.path), "digest": digest, "weight": a.weight})
-            self._input_digests = {"base": self.base().describe(), "adapters": adapters}
+                adapters.append({"digest": digest, "weight": a.weight})
+            base = {k: v for k, v in self.base().describe().items() if k != "name"}
+            self._input_digests = {"base": base, "adapters": adapters}
         return self._input_digests
+
+    def input_sources(self) -> dict:
+        """Where the inputs were read from, for the audit trail (not fingerprinted)."""
+        return {"base": self.base().describe(), "adapters": [str(a.path) for a in self.p.adapters]}
 
     def fingerprint_inputs(self, s: StageSpec) -> dict:
         mod = s.module
@@ -245,6 +254,8 @@ class Runner:
             "fingerprint": mf.fingerprint(fp_inputs), "fingerprint_inputs": _recordable(fp_inputs, s),
             "version": mod.VERSION,
         }
+        if not mod.INPUT:
+            self.manifest.stages[s.id]["sources"] = self.input_sources()
         self.manifest.save()
         tmp = self.workdir / f".tmp-{s.name}-{s.id}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
