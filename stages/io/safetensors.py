@@ -1,0 +1,414 @@
+"""Safetensors from headers, ranged tensor reads, and a streaming sharded writer.
+
+Why hand-written: the ``safetensors`` library reads a whole file through mmap and
+writes a whole state dict at once. Fuse must plan from headers alone (validate never
+touches tensor data), read one tensor at a time without mapping multi-GB shards, and
+write the output tensor by tensor while hashing it, so that peak memory does not grow
+with the model or its shard size. The format itself is small: an 8-byte little-endian
+header length, a JSON header ``{name: {dtype, shape, data_offsets}, "__metadata__": {}}``
+and the raw little-endian tensor bytes; tests check our files with ``safe_open``.
+
+``torch`` is imported lazily: reading headers (validate, planning) must not wait for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.findings import FuseError
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+INDEX_NAME = "model.safetensors.index.json"
+
+# safetensors dtype string -> bytes per element
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # dtypes the merge may compute in and convert between
+
+
+def torch_dtype(st_dtype: str):
+    """The torch dtype of a safetensors dtype string."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    }[st_dtype]
+
+
+def st_dtype(dtype) -> str:
+    """The safetensors dtype string of a torch dtype."""
+    for name in ITEMSIZE:
+        if torch_dtype(name) == dtype:
+            return name
+    raise ValueError(f"torch dtype {dtype} has no safetensors equivalent")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: ``start``/``end`` are absolute byte offsets in ``path``."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path) -> tuple[list[TensorInfo], dict]:
+    """Parse and check one safetensors header: ``(tensors in file order, metadata)``.
+
+    Every size and offset is checked against the file size, so a truncated or corrupt
+    file fails here with F206 instead of later with a short read or a bogus allocation.
+    """
+    path = Path(path)
+
+    def corrupt(why: str):
+        return FuseError("F206", f"{path.name} is not a valid safetensors file: {why}", file=path,
+                         fix="re-download or re-save the file; it may be truncated")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise corrupt(f"header length {n} does not fit in a file of {size} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        raise FuseError("F206", f"cannot read {path}: {e.strerror}", file=path) from e
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise corrupt("duplicate keys in the header")
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(f"header is not UTF-8 JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise corrupt("__metadata__ is not an object")
+
+    data_start, data_size = 8 + n, size - 8 - n
+    tensors = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) and isinstance(end, int)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise corrupt(f"bad header entry for tensor {name!r}")
+        if dtype not in ITEMSIZE:
+            raise FuseError("F209", f"{path.name}: tensor {name!r} has dtype {dtype}, which Fuse does not support",
+                            file=path, key=name)
+        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * ITEMSIZE[dtype]:
+            raise corrupt(f"tensor {name!r} has byte range [{begin}, {end}) that does not fit its shape "
+                          f"{list(shape)} {dtype} or the {data_size} data bytes")
+        tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end))
+    tensors.sort(key=lambda t: t.start)
+    for prev, cur in itertools.pairwise(tensors):
+        if cur.start < prev.end:
+            raise corrupt(f"tensors {prev.name!r} and {cur.name!r} overlap")
+    return tensors, metadata
+
+
+def load_tensor(info: TensorInfo):
+    """Read one tensor with ``os.pread`` (no mmap: a merge must not map whole shards)."""
+    import torch
+
+    dtype = torch_dtype(info.dtype)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    buf = bytearray(info.nbytes)
+    view = memoryview(buf)
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < info.nbytes:  # pread returns at most ~2 GiB per call on Linux
+            n = os.preadv(fd, [view[done:]], info.start + done)
+            if n == 0:
+                raise FuseError("F206", f"{info.path.name} ended while reading tensor {info.name!r} "
+                                f"(the file shrank or is truncated)", file=info.path, key=info.name)
+            done += n
+    finally:
+        os.close(fd)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+@dataclass
+class ModelWeights:
+    """Every tensor of a Hugging Face model directory, from headers only."""
+
+    dir: Path
+    tensors: dict[str, TensorInfo]  # in file order: shard by shard, by offset
+    files: list[Path]               # weight files (and the index) read
+    config: dict = field(default_factory=dict)  # config.json, {} when absent
+
+    @classmethod
+    def open(cls, model_dir) -> ModelWeights:
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FuseError("F205", f"base model directory {model_dir} does not exist", file=model_dir)
+        if (model_dir / "adapter_config.json").exists():
+            raise FuseError("F205", f"{model_dir} holds an adapter (adapter_config.json), not a base model",
+                            file=model_dir, fix="point base at the model the adapter was trained on")
+        index = model_dir / INDEX_NAME
+        if index.exists():
+            shards = _shards_from_index(model_dir, index)
+            files = [model_dir / s for s in shards] + [index]
+        else:  # as transformers: model.safetensors alone when it is there (not consolidated.safetensors)
+            single = model_dir / "model.safetensors"
+            files = [single] if single.is_file() else sorted(model_dir.glob("*.safetensors"))
+            if not files:
+                other = sorted(p.name for p in model_dir.iterdir()
+                               if p.suffix in (".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf"))
+                if other:
+                    raise FuseError("F209", f"{model_dir} has weights only as {', '.join(other)}; Fuse reads "
+                                    "safetensors only (pickle files can run code when loaded)", file=model_dir,
+                                    fix="convert the model with transformers: from_pretrained(...)."
+                                        "save_pretrained(dir) writes safetensors")
+                raise FuseError("F205", f"no *.safetensors weights in {model_dir}", file=model_dir)
+            shards = [p.name for p in files]
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shards:
+            for t in read_header(model_dir / shard)[0]:
+                if t.name in tensors:
+                    raise FuseError("F205", f"tensor {t.name!r} is stored twice: in {tensors[t.name].path.name} "
+                                    f"and {shard}", file=model_dir / shard, key=t.name)
+                tensors[t.name] = t
+        if index.exists():
+            _check_index_names(index, tensors)
+        return cls(dir=model_dir, tensors=tensors, files=files, config=_read_config(model_dir))
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name) -> TensorInfo:
+        return self.tensors[name]
+
+    def load(self, name):
+        return load_tensor(self.tensors[name])
+
+
+def _read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FuseError("F205", f"config.json is not valid JSON: {e}", file=path) from None
+    if not isinstance(config, dict):
+        raise FuseError("F205", "config.json is not a JSON object", file=path)
+    return config
+
+
+def _load_index(index: Path) -> dict:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+        return weight_map
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise FuseError("F205", f"{index.name} is not a valid index: it needs a weight_map of tensor name -> "
+                        "shard file", file=index) from None
+
+
+def _shards_from_index(model_dir: Path, index: Path) -> list[str]:
+    """The index's shard files, sorted, each checked to stay inside the directory.
+
+    The check is on the path as written, not its resolved target: in a Hugging Face cache
+    snapshot every shard is a symlink into ``../../blobs/``, and that is fine.
+    """
+    shards = sorted(set(_load_index(index).values()))
+    for shard in shards:
+        norm = os.path.normpath(shard)
+        if os.path.isabs(shard) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise FuseError("F206", f"{index.name} names shard {shard!r}, which lies outside {model_dir}",
+                            file=index, key=shard, fix="shard paths in an index are file names in the model directory")
+        if not (model_dir / shard).is_file():
+            raise FuseError("F205", f"{index.name} names shard {shard}, which is missing", file=index, key=shard,
+                            fix="download the missing shard (an interrupted download?)")
+    return shards
+
+
+def _check_index_names(index: Path, tensors: dict) -> None:
+    for name, shard in _load_index(index).items():
+        if name not in tensors or tensors[name].path != index.parent / shard:
+            raise FuseError("F205", f"{index.name} puts tensor {name!r} in {shard}, but that shard does not hold it",
+                            file=index, key=name)
+
+
+class ShardedWriter:
+    """Write a safetensors model tensor by tensor, hashing every byte as it is written.
+
+    Hand-written because ``safetensors.torch.save_file`` needs the whole state dict in
+    memory. The shards are planned up front from ``layout`` (name, torch dtype, shape):
+    tensors fill ``model-0000k-of-0000N.safetensors`` in layout order until the next one
+    would pass ``max_shard_bytes`` (a single larger tensor gets a shard of its own);
+    one shard is named ``model.safetensors``. Within a shard tensors are ordered by
+    element size, largest first, as the safetensors library does, so every tensor stays
+    aligned. Call :meth:`write` in :attr:`order`, then :meth:`close`.
+
+    Example::
+
+        w = ShardedWriter(out, [("w", torch.float32, (2, 2))], max_shard_bytes=5e9)
+        for name in w.order:
+            w.write(name, tensors[name])
+        hashes = w.close()   # {"model.safetensors": "<sha256>"}
+    """
+
+    def __init__(self, out_dir, layout, max_shard_bytes=5_000_000_000):
+        self.out_dir = Path(out_dir)
+        self._entries = {name: (st_dtype(dtype), tuple(shape)) for name, dtype, shape in layout}
+        if len(self._entries) != len(layout):
+            raise ValueError("layout names a tensor twice")
+        nbytes = {n: math.prod(s) * ITEMSIZE[d] for n, (d, s) in self._entries.items()}
+        self.total_size = sum(nbytes.values())
+
+        groups, size = [[]], 0
+        for name, _, _ in layout:
+            if groups[-1] and size + nbytes[name] > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes[name]
+        count = len(groups)
+        self.shards = []  # (file name, [tensor names in write order])
+        for k, names in enumerate(groups, 1):
+            names.sort(key=lambda n: -ITEMSIZE[self._entries[n][0]])  # stable: layout order within a size
+            fname = "model.safetensors" if count == 1 else f"model-{k:05d}-of-{count:05d}.safetensors"
+            self.shards.append((fname, names))
+        self.order = [n for _, names in self.shards for n in names]
+        self._shard_at = [k for k, (_, names) in enumerate(self.shards) for _ in names]  # position -> shard
+        self.weight_map = {n: fname for fname, names in self.shards for n in names}
+        self.hashes: dict[str, str] = {}
+        self.bytes_written = 0
+        self.files_created: list[Path] = []
+        self._next = 0
+        self._file = None
+        self._sha = None
+
+    def write(self, name: str, tensor) -> None:
+        """Append ``tensor`` (it must be the next name in :attr:`order`, with its planned dtype and shape)."""
+        import torch
+
+        if self._next >= len(self.order) or name != self.order[self._next]:
+            expected = self.order[self._next] if self._next < len(self.order) else "nothing (all written)"
+            raise ValueError(f"ShardedWriter expected {expected}, got {name}")
+        dtype, shape = self._entries[name]
+        if tensor.dtype != torch_dtype(dtype) or tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: planned {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        fname, names = self.shards[self._shard_at[self._next]]
+        if self._file is None:
+            self._open(fname, names)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._emit(memoryview(data))
+        self._next += 1
+        if self._next == len(self.order) or self._shard_at[self._next] != self._shard_at[self._next - 1]:
+            self._finish(fname)
+
+    def close(self) -> dict[str, str]:
+        """Finish the files (index json when sharded), fsync, return ``{relpath: sha256}``."""
+        if self._next != len(self.order):
+            raise ValueError(f"ShardedWriter closed after {self._next} of {len(self.order)} tensors")
+        if not self.order:  # an empty model still gets its (empty) file
+            self._open(self.shards[0][0], [])
+            self._finish(self.shards[0][0])
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+            self.hashes[INDEX_NAME] = write_file(self.out_dir / INDEX_NAME, data)
+            self.files_created.append(self.out_dir / INDEX_NAME)
+            self.bytes_written += len(data)
+        fsync_dir(self.out_dir)
+        return dict(self.hashes)
+
+    def _open(self, fname: str, names: list) -> None:
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for n in names:
+            dtype, shape = self._entries[n]
+            size = math.prod(shape) * ITEMSIZE[dtype]
+            header[n] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
+        path = self.out_dir / fname
+        self._file = open(path, "xb")  # never overwrite a file that is already there
+        self.files_created.append(path)
+        self._sha = hashlib.sha256()
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+
+    def _emit(self, data) -> None:
+        self._file.write(data)
+        self._sha.update(data)
+        self.bytes_written += len(data)
+
+    def _finish(self, fname: str) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.hashes[fname] = self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close and delete what was written (used when a merge fails half-way)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for path in self.files_created:
+            path.unlink(missing_ok=True)
+
+
+def write_file(path: Path, data: bytes) -> str:
+    """Write ``data`` to a new file, fsync it, return its sha256."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def copy_file(src: Path, dst: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """Copy ``src`` to a new file ``dst`` in chunks, hashing and fsyncing; returns (sha256, bytes)."""
+    sha, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        while block := fin.read(chunk):
+            fout.write(block)
+            sha.update(block)
+            size += len(block)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return sha.hexdigest(), size
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

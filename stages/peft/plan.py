@@ -1,0 +1,213 @@
+"""The merge plan: which adapter tensor updates which base tensor, from headers alone.
+
+One piece of code decides where every adapter tensor goes, and validate, merge and check
+all use it. Any adapter tensor that lands nowhere is an error (F203), never a silent
+skip; a tensor that lands on a base tensor of the wrong shape is F204. No torch here.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from stages.findings import FuseError
+from stages.io.safetensors import FLOAT_DTYPES, ModelWeights, TensorInfo
+from stages.peft import family_for
+from stages.peft.adapter import Adapter
+
+PREFIX = "base_model.model."  # what peft puts before every module path it saves
+HEAD = "lm_head.weight"
+# Input embeddings of the architectures Fuse knows, for tied lm_head handling.
+EMBEDDINGS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+              "language_model.model.embed_tokens.weight", "transformer.wte.weight",
+              "model.decoder.embed_tokens.weight", "transformer.word_embeddings.weight", "embed_tokens.weight")
+
+
+@dataclass
+class Update:
+    """One change to one output tensor, in the order the merge applies them.
+
+    ``kind`` is ``"replace"`` (a full tensor from the adapter: modules_to_save, an
+    embedding saved whole, ``bias="all"``) or a family-specific kind such as ``"linear"``.
+    """
+
+    adapter: int               # index into MergePlan.adapters
+    kind: str
+    module: str                # module path as peft saw it (rank/alpha patterns match it)
+    tensors: dict              # role -> adapter tensor name
+    peft_type: str = ""        # family that applies it; "" for a replacement
+    scaling: float = 1.0
+    weight: float = 1.0        # the adapter's weight in a weighted merge
+    fan_in_fan_out: bool = False
+
+
+@dataclass
+class MergePlan:
+    base: ModelWeights
+    adapters: list[Adapter]
+    outputs: dict[str, TensorInfo]   # output tensor -> base tensor it starts from; base order, additions last
+    updates: dict[str, list[Update]]  # output tensor -> its updates (replacements first)
+    untie: bool = False               # lm_head written on its own, tie_word_embeddings=false
+    warnings: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        replaced = sum(any(u.kind == "replace" for u in us) for us in self.updates.values())
+        return {
+            "adapter_tensors": sum(len(a.tensors) for a in self.adapters),
+            "tensors_updated": len(self.updates),
+            "tensors_replaced": replaced,
+            "tensors_unchanged": len(self.outputs) - len(self.updates),
+            "untie_embeddings": self.untie,
+        }
+
+
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """peft's ``utils.other.get_pattern_key``: the first pattern that matches a suffix of the module path.
+
+    Copied (5 lines) rather than imported so that planning does not import torch.
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+def plan_merge(base: ModelWeights, adapters: list[Adapter]) -> MergePlan:
+    """Map every tensor of every adapter onto the base; raises F202/F203/F204."""
+    tied = tied_embeddings(base)
+    updates: dict[str, list[Update]] = {}
+    warnings: list[dict] = []
+    for index, adapter in enumerate(adapters):
+        for name, update in _plan_adapter(index, adapter, base, tied):
+            updates.setdefault(name, []).append(update)
+            if update.kind == "replace" and adapter.weight != 1.0:
+                key = update.tensors["tensor"]
+                warnings.append({"code": "F202", "key": key, "file": str(adapter.weights_file),
+                                 "message": f"{key} replaces {name} whole; the adapter weight {adapter.weight} "
+                                            "does not scale a replacement"})
+    for tensor_updates in updates.values():  # replacements first, then deltas; adapters in order within each
+        tensor_updates.sort(key=lambda u: u.kind != "replace")
+
+    outputs = dict(base.tensors)
+    untie = bool(tied) and any(name in updates for name in tied)
+    if untie:
+        outputs[HEAD] = base.tensors[tied[0]]  # lm_head starts as the embedding it was tied to
+    return MergePlan(base=base, adapters=adapters, outputs=outputs, updates=updates, untie=untie,
+                     warnings=warnings)
+
+
+def _plan_adapter(index: int, adapter: Adapter, base: ModelWeights, tied):
+    """``[(output tensor, Update)]`` for one adapter; F203 if any of its tensors lands nowhere."""
+    family = family_for(adapter.peft_type)
+    groups: dict[tuple, dict] = {}   # (module, param) -> {role: key}
+    planned, unmapped = [], []
+    for key in adapter.tensors:
+        module, param, role = split_key(key, family.SUFFIXES)
+        if role != "replace":
+            groups.setdefault((module, param), {})[role] = key
+            continue
+        name = _resolve(module, base, tied)
+        if name is None:
+            unmapped.append((key, module))
+            continue
+        _check_replacement(adapter, key, _source(name, base, tied))
+        planned.append((name, Update(index, "replace", module, {"tensor": key}, weight=adapter.weight)))
+    for (module, param), roles in groups.items():
+        name = _resolve(f"{module}.{param}", base, tied)
+        if name is None:
+            unmapped.extend((key, f"{module}.{param}") for key in roles.values())
+            continue
+        target = _source(name, base, tied)
+        if target.dtype not in FLOAT_DTYPES:
+            raise FuseError("F209", f"{name} is stored as {target.dtype}; Fuse merges into float16, bfloat16, "
+                            "float32 and float64 tensors only", file=str(target.path), key=name)
+        planned.append((name, family.make_update(index, adapter, module, param, roles, target)))
+    if unmapped:
+        raise _unmapped_error(adapter, unmapped, base)
+    return planned
+
+
+def split_key(key: str, suffixes: dict) -> tuple[str, str | None, str]:
+    """``base_model.model.<module>.lora_A.weight`` -> (module, "weight", "A").
+
+    A key with no family suffix is a full tensor (role ``"replace"``), returned as the
+    base tensor name it replaces: peft saves ``modules_to_save`` as the module's own
+    state dict (older versions as ``<module>.modules_to_save.<adapter>.<param>``) and a
+    LoRA-targeted embedding whole as ``<module>.base_layer.weight``.
+    """
+    k = key.removeprefix(PREFIX)
+    for suffix, (param, role) in suffixes.items():
+        if k.endswith(suffix):
+            return k[: -len(suffix)], param, role
+    k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k).replace(".base_layer.", ".")
+    return k, None, "replace"
+
+
+def tied_embeddings(base: ModelWeights) -> tuple[str, str] | None:
+    """``(input embedding, lm_head.weight)`` when the base ties them, else None.
+
+    The config decides (``tie_word_embeddings``, top level or ``text_config``); without
+    that key, a checkpoint lacking ``lm_head.weight`` must be tied.
+    """
+    embed = next((e for e in EMBEDDINGS if e in base), None)
+    if embed is None:
+        return None
+    tie = base.config.get("tie_word_embeddings")
+    if tie is None:
+        tie = (base.config.get("text_config") or {}).get("tie_word_embeddings")
+    if tie is None:
+        tie = HEAD not in base
+    return (embed, HEAD) if tie else None
+
+
+# Prefixes under which the same language-model weights appear: ...ForCausalLM says
+# ``model.layers.0...``, a ...ForConditionalGeneration checkpoint ``model.language_model.layers.0...``
+# (transformers >= 4.52) or ``language_model.model.layers.0...`` (older), a bare backbone nothing.
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
+
+
+def _spellings(name: str):
+    """The names one tensor goes by across model classes and transformers versions."""
+    yield name
+    prefix = next(p for p in _PREFIXES if name.startswith(p))  # "" always matches
+    for other in _PREFIXES:
+        if other != prefix:
+            yield other + name[len(prefix):]
+
+
+def _resolve(name: str, base: ModelWeights, tied) -> str | None:
+    """The output tensor ``name`` lands on: itself, the one spelling of it the base has,
+    or ``lm_head.weight`` of a tied model whose checkpoint omits it."""
+    found = [s for s in _spellings(name) if s in base]
+    if name in found:
+        return name
+    if len(found) == 1:
+        return found[0]
+    if not found and tied and HEAD in _spellings(name):
+        return HEAD
+    return None
+
+
+def _source(name: str, base: ModelWeights, tied) -> TensorInfo:
+    """The base tensor an output starts from: a tied lm_head is the embedding (stored or not)."""
+    return base.tensors[tied[0]] if tied and name == HEAD else base.tensors[name]
+
+
+def _check_replacement(adapter: Adapter, key: str, target: TensorInfo) -> None:
+    shape = adapter.tensors[key].shape
+    if shape != target.shape:
+        raise FuseError("F204", f"adapter tensor {key} has shape {list(shape)} but replaces {target.name} of shape "
+                        f"{list(target.shape)}", file=str(adapter.weights_file), key=key,
+                        fix="a resized vocabulary is not supported yet; check the adapter was trained on this base")
+
+
+def _unmapped_error(adapter: Adapter, unmapped: list, base: ModelWeights) -> FuseError:
+    key, target = unmapped[0]
+    close = difflib.get_close_matches(target, list(base.tensors), n=3, cutoff=0.5)
+    more = f" ({len(unmapped) - 1} more adapter tensors are unmapped)" if len(unmapped) > 1 else ""
+    hint = f"; closest base tensors: {', '.join(close)}" if close else ""
+    trained_on = adapter.config.get("base_model_name_or_path")
+    return FuseError("F203", f"adapter tensor {key} maps to no base tensor (looked for {target}){hint}{more}",
+                     file=str(adapter.weights_file), key=key,
+                     fix="merge the adapter into the model it was trained on"
+                         + (f" ({trained_on}, per adapter_config.json)" if trained_on else ""))
