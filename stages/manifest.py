@@ -225,8 +225,9 @@ class Manifest:
 
     def save(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.data, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-        atomic_write(self.path, redact(text, self.secrets).encode("utf-8"))
+        data = redact_data(self.data, self.secrets)  # on the values, so the JSON stays valid
+        text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+        atomic_write(self.path, text.encode("utf-8"))
         self.dirty = False
 
     # -- verification -------------------------------------------------------------------
@@ -268,11 +269,27 @@ class Manifest:
         return out
 
 
+MIN_SECRET_LEN = 6  # shorter values ("1", "true") are flags, not secrets, and would mangle every log
+
+
 def redact(text: str, secrets) -> str:
     for s in sorted(secrets, key=len, reverse=True):
-        if len(s) >= 4:
+        if len(s) >= MIN_SECRET_LEN:
             text = text.replace(s, "***")
     return text
+
+
+def redact_data(obj, secrets):
+    """``redact`` applied to every string (keys too) of a JSON-like structure."""
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        return redact(obj, secrets)
+    if isinstance(obj, dict):
+        return {redact_data(k, secrets): redact_data(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_data(v, secrets) for v in obj]
+    return obj
 
 
 def now() -> str:

@@ -166,7 +166,9 @@ def _compose(text: str, file: str) -> tuple[Any, _Located]:
 # --------------------------------------------------------------------------- interpolation
 
 
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
+# a whole word of the variable name: HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD; not TOKENIZERS_PARALLELISM
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIALS?|AUTH)"
+                          r"(_|$)", re.I)
 
 
 def is_secret_name(var: str) -> bool:

@@ -127,3 +127,21 @@ def test_docs_list_every_finding_code():
     text = (Path(__file__).parents[1] / "docs" / "findings.md").read_text()
     missing = [c for c in CODES if f"`{c}`" not in text]
     assert not missing, f"docs/findings.md lacks {missing}"
+
+
+def test_secret_names_are_whole_words():
+    from stages.pipeline import is_secret_name
+
+    for name in ("HF_TOKEN", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "OPENAI_API_KEY", "TOKEN"):
+        assert is_secret_name(name), name
+    for name in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "AUTHOR", "PATH", "RUNNER_TEMP"):
+        assert not is_secret_name(name), name
+
+
+def test_redaction_keeps_the_manifest_valid_json(tmp_path):
+    m = mf.Manifest(tmp_path, secrets={"false", "hf_secretvalue"})  # "false" is too short to be a secret
+    m.data["flag"] = False
+    m.data["nested"] = {"hf_secretvalue": ["x hf_secretvalue y"]}
+    m.save()
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["flag"] is False and data["nested"] == {"***": ["x *** y"]}
