@@ -33,9 +33,17 @@ CODES = {
     "F207": "output would overwrite the base or the adapter",
     "F208": "adapter file missing or unreadable",
     "F209": "model file format not supported",
+    "F210": "symlink leads outside the model directory",
+    "F211": "adapter was trained on a different base model",
+    "F212": "adapter tensor has NaN or Inf",
+    "F213": "vocabulary size does not match the embedding",
+    "F214": "adapter config does not match its tensors",
+    "F215": "base model is quantized",
     # merge numerics
     "F301": "merged tensor has NaN or Inf",
     "F302": "merged tensor overflows the output dtype",
+    "F303": "merged tensor differs from base + adapter",
+    "F304": "merged model's outputs differ from base + adapter",
     # runner, manifest, disk
     "F401": "workdir is locked by another run",
     "F402": "not enough disk space",
@@ -45,6 +53,13 @@ CODES = {
     "F406": "stage failed",
     # publish
     "F501": "publish target invalid",
+    "F502": "publish credentials missing or rejected",
+    "F503": "release tag already points at different content",
+    "F504": "publish target changed during the publish",
+    "F505": "upload to the publish target failed",
+    "F506": "published file does not verify on the target",
+    "F507": "model card template invalid",
+    "F508": "publish target settings differ from the pipeline",
 }
 
 

@@ -1,32 +1,77 @@
 """Stage ``publish``: hand the final model over, with its provenance, checksums and card.
 
-``to: dir`` copies into a local directory (a mounted volume, a Docker build context).
-Only files whose sha256 differs are copied, each through a temp file and a rename, so a
-re-publish of an unchanged model copies nothing and a reader never sees half a file.
+Targets (``to:``), one module each in :mod:`stages.publishers`:
+
+- ``dir``: a local directory (a mounted volume, a Docker build context);
+- ``hub``: a Hugging Face Hub model repo (``repo_id``, ``private``, ``revision``, ``tag``);
+- ``s3``: an S3-compatible object store (``url: s3://bucket/prefix``, ``endpoint``, ``region``).
+
+Every target runs the same algorithm (:func:`stages.publishers.base.sync`): check the
+credentials first, compare each file's sha256 from the manifest with what the target
+holds, send only what differs (an unchanged model: nothing, no commit), delete what an
+earlier publish left that is no longer part of the model, then read every file's sha256
+back from the target. A pipeline may publish several times (give each step an ``id``),
+e.g. the merged model to the Hub and its ONNX export to S3.
+
+What is recorded in the manifest (``metrics``): the target, the files sent and their
+bytes, and for the Hub the commit, its URL and the tag. Never a token.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
+from hashlib import sha256
 from pathlib import Path
 
 from . import card
 from .findings import FuseError
-from .manifest import file_record, list_files, sha256_file, tool_version
+from .manifest import file_record, tool_version
 from .pipeline import Param, upstream_of
 
 NAME = "publish"
-VERSION = 1
+VERSION = 2
 INPUT = ("hf-model",)
 OUTPUT = None
 LIBS = ()
+TARGETS = ("dir", "hub", "s3")
 PARAMS = {
-    "to": Param(str, choices=("dir",), help="where to publish"),
+    "to": Param(str, choices=TARGETS, help="where to publish: dir, hub or s3"),
     "path": Param("path", None, help="target directory (to: dir)"),
+    "repo_id": Param(str, None, help="Hub model repo, org/name (to: hub)"),
+    "private": Param(bool, None, help="create the Hub repo private (default true; an existing repo keeps its own)"),
+    "revision": Param(str, None, help="Hub branch to commit to (default main; created if missing)"),
+    "tag": Param(str, None, help="Hub tag put on the verified commit; an existing tag must hold the same files"),
+    "message": Param(str, None, help="Hub commit message"),
+    "url": Param(str, None, help="s3://bucket/prefix (to: s3)"),
+    "region": Param(str, None, help="S3 region (to: s3)"),
+    "part_size": Param(str, None, help="S3 multipart part size, e.g. 64MB (to: s3; default 64MB)"),
+    "endpoint": Param(str, None, help="Hub endpoint (default HF_ENDPOINT or huggingface.co) or S3 endpoint URL"),
+    "card": Param("path", None, help="model card template (Markdown): its sections replace or extend Fuse's"),
 }
+# which parameters belong to which target (the others must stay unset)
+TARGET_PARAMS = {
+    "dir": {"path"},
+    "hub": {"repo_id", "private", "revision", "tag", "message", "endpoint"},
+    "s3": {"url", "region", "part_size", "endpoint"},
+}
+REQUIRED = {"dir": ("path", "path: dist/my-model"), "hub": ("repo_id", "repo_id: my-org/my-model"),
+            "s3": ("url", "url: s3://my-bucket/models/my-model")}
+COMMON = {"to", "card"}
 GENERATED = (card.PROVENANCE, card.SUMS, "README.md")
+
+
+def check_params(ctx) -> None:
+    """Target-specific parameters: the required one is there, none of another target's is."""
+    to, params = ctx.params["to"], ctx.params
+    where = dict(file=ctx.pipeline.path, line=ctx.stage.line)
+    key, example = REQUIRED[to]
+    if not params.get(key):
+        raise FuseError("F501", f"publish to: {to} needs {key}", key=f"{ctx.stage.id}.{key}",
+                        fix=f"add {example}", **where)
+    for name, value in params.items():
+        if value is not None and name not in COMMON and name not in TARGET_PARAMS[to]:
+            owner = next((t for t, names in TARGET_PARAMS.items() if name in names), "?")
+            raise FuseError("F501", f"'{name}' is a parameter of to: {owner}, not of to: {to}",
+                            key=f"{ctx.stage.id}.{name}", fix=f"remove {name}, or publish with to: {owner}", **where)
 
 
 def provenance(ctx) -> dict:
@@ -42,96 +87,142 @@ def provenance(ctx) -> dict:
         base["name"] = Path(base["name"]).name
     adapters = []
     for a, spec in zip(first["adapters"], p.adapters):
-        cfg = _adapter_config(spec.path)
+        cfg = _json(Path(spec.path) / "adapter_config.json")
         adapters.append({"name": spec.path.name, "digest": a["digest"], "weight": a["weight"],
                          "peft_type": cfg.get("peft_type"), "base_model_name_or_path": cfg.get("base_model_name_or_path")})
     if base["kind"] == "hub":
         base["hub_id"] = base["name"]
     elif adapters and adapters[0]["base_model_name_or_path"]:
         base["hub_id"] = adapters[0]["base_model_name_or_path"]
-    steps = []
-    for spec in chain:
-        rec = m.record(spec.id)
-        keep = getattr(spec.module, "CARD_METRICS", ())
-        steps.append({"id": spec.id, "stage": spec.name, "version": spec.module.VERSION, "params": rec["params"],
-                      "metrics": {k: v for k, v in (rec.get("metrics") or {}).items() if k in keep}})
+    steps = [_step(m, spec) for spec in chain]
+    # numbers of other finished stages that report them (validation, equivalence checks)
+    checks = []
+    for spec in p.stages[: p.stages.index(p.stage(ctx.stage.id))]:
+        rec = m.record(spec.id) or {}
+        if spec in chain or spec.name == NAME or rec.get("status") != "done":
+            continue
+        step = _step(m, spec)
+        if step["metrics"]:
+            checks.append(step)
     libs = {}
     for spec in chain:
         libs.update(m.record(spec.id)["fingerprint_inputs"].get("libraries", {}))
-    return {"name": p.name, "tool": {"name": "fuse-llm", "version": tool_version()}, "base": base,
-            "adapters": adapters, "steps": steps, "libraries": libs}
+    # what shapes the output, not the file's bytes: moving the workdir changes no published byte
+    shape = {"name": p.name, "adapters": [a["weight"] for a in adapters],
+             "steps": [{k: s[k] for k in ("id", "stage", "version", "params")} for s in steps]}
+    cfg = _json(ctx.input_dir / "config.json")
+    out = {"name": p.name, "tool": {"name": "fuse-llm", "version": tool_version()}, "base": base,
+           "adapters": adapters, "steps": steps, "libraries": libs,
+           "pipeline": {"name": p.name, "digest": "sha256:" + sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()},
+           "model": {k: cfg[k] for k in ("architectures", "model_type") if k in cfg}}
+    if checks:
+        out["checks"] = checks
+    return out
 
 
-def _adapter_config(path: Path) -> dict:
+def _step(m, spec) -> dict:
+    rec = m.record(spec.id)
+    keep = getattr(spec.module, "CARD_METRICS", ())
+    return {"id": spec.id, "stage": spec.name, "version": spec.module.VERSION, "params": rec["params"],
+            "metrics": {k: v for k, v in (rec.get("metrics") or {}).items() if k in keep}}
+
+
+def _json(path: Path) -> dict:
     try:
-        return json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _template(ctx) -> dict | None:
+    path = ctx.params.get("card")
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FuseError("F507", f"cannot read the card template {path}: {getattr(e, 'strerror', None) or e}",
+                        file=ctx.pipeline.path, line=ctx.stage.line, key=f"{ctx.stage.id}.card",
+                        fix="give a Markdown file, relative to the pipeline file") from None
+    if text.startswith("---") and not card.split_front_matter(text)[0] and text.count("---") >= 2:
+        raise FuseError("F507", f"the YAML front matter of the card template {path} is not a valid mapping",
+                        file=path, fix="write 'key: value' lines between the two --- lines")
+    return card.parse_template(text)
 
 
 def run(ctx) -> dict:
-    if ctx.params["to"] == "dir" and not ctx.params["path"]:
-        raise FuseError("F501", "publish to: dir needs a path", file=ctx.pipeline.path, line=ctx.stage.line,
-                        key=f"{ctx.stage.id}.path", fix="add path: dist/my-model")
+    check_params(ctx)
+    to = ctx.params["to"]
     src = ctx.input_dir
     upstream = ctx.manifest.record(ctx.input_stage)
-    model_files = {f["path"]: f["sha256"] for f in upstream["outputs"] if f["path"] not in GENERATED}
+    model_files = {f["path"]: f for f in upstream["outputs"] if f["path"] not in GENERATED}
     prov = provenance(ctx)
-    prov["files"] = dict(sorted(model_files.items()))
-    generated = {
-        card.PROVENANCE: card.provenance_bytes(prov),
-        "README.md": card.render_card(prov, card.base_card_metadata(src)).encode("utf-8"),
-    }
-    from hashlib import sha256
-    all_sums = dict(model_files, **{k: sha256(v).hexdigest() for k, v in generated.items()})
+    prov["files"] = {path: f["sha256"] for path, f in sorted(model_files.items())}
+    readme = card.render_card(prov, card.base_card_metadata(src), model_id=ctx.params.get("repo_id"),
+                              template=_template(ctx))
+    generated = {card.PROVENANCE: card.provenance_bytes(prov), "README.md": readme.encode("utf-8")}
+    all_sums = dict(prov["files"], **{k: sha256(v).hexdigest() for k, v in generated.items()})
     generated[card.SUMS] = card.sha256sums(all_sums)
     for name, data in generated.items():  # the workdir keeps a copy of what was published
         (ctx.output_dir / name).write_bytes(data)
-    target = Path(ctx.params["path"])
-    return _sync_dir(ctx, src, model_files, target)
+        ctx.hashes[name] = sha256(data).hexdigest()
+
+    from .publishers.base import LocalFile, sync
+
+    # model files first, the card and provenance next, SHA256SUMS last: where files land one
+    # by one (dir, s3), a complete SHA256SUMS means a complete publish
+    files = [LocalFile(path, src / path, f["size"], f["sha256"]) for path, f in sorted(model_files.items())]
+    files += [LocalFile(name, ctx.output_dir / name, len(generated[name]), ctx.hashes[name])
+              for name in (card.PROVENANCE, "README.md", card.SUMS)]
+    pub = _publisher(ctx, to, prov)
+    try:
+        outcome = sync(pub, files)
+    finally:
+        ctx.manifest.secrets |= pub.secrets  # never written down, even in an error message
+    return _metrics(ctx, to, pub, outcome, files)
 
 
-def _sync_dir(ctx, src: Path, model_files: dict, target: Path) -> dict:
-    _check_target(ctx, target)
-    target.mkdir(parents=True, exist_ok=True)
-    wanted = dict(model_files)
-    sources = {rel: src / rel for rel in model_files}
-    for name in GENERATED:
-        wanted[name] = sha256_file(ctx.output_dir / name)
-        sources[name] = ctx.output_dir / name
-    copied = unchanged = nbytes = 0
-    for rel, sha in sorted(wanted.items()):
-        dest = target / rel
-        if dest.is_file() and dest.stat().st_size == sources[rel].stat().st_size and sha256_file(dest) == sha:
-            unchanged += 1
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            shutil.copyfile(sources[rel], tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-        copied += 1
-        nbytes += dest.stat().st_size
-    for rel in list_files(target):  # files of an earlier publish that are no longer part of the model
-        if rel not in wanted:
-            (target / rel).unlink()
-    ctx.external = {"root": str(target), "files": [file_record(target, rel, sha) for rel, sha in sorted(wanted.items())]}
-    ctx.log(f"published {len(wanted)} files to {target}: {copied} copied ({nbytes / 1e6:.1f} MB), {unchanged} unchanged")
-    return {"files": len(wanted), "files_copied": copied, "bytes_copied": nbytes, "files_unchanged": unchanged}
+def _publisher(ctx, to: str, prov: dict):
+    from .publishers import publisher_class
+
+    params = dict(ctx.params)
+    kw = dict(log=ctx.log, warn=ctx.warn, stage_id=ctx.stage.id, file=ctx.pipeline.path, line=ctx.stage.line)
+    if to == "dir":
+        return publisher_class("dir")(params, workdir=ctx.workdir, **kw)
+    if to == "s3":
+        from .merge import parse_size
+
+        params["part_size"] = parse_size(params["part_size"]) if params.get("part_size") else None
+        return publisher_class("s3")(params, **kw)
+    params["message"] = params.get("message") or f"Publish {prov['name']} with Fuse {prov['tool']['version']}"
+    params["description"] = (f"Merged by Fuse from `{prov['base']['name']}` + "
+                             + ", ".join(f"`{a['name']}` ({a['digest'][:19]})" for a in prov["adapters"])
+                             + f".\n\nfuse-provenance.json sha256: {sha256(card.provenance_bytes(prov)).hexdigest()}")
+    return publisher_class("hub")(params, **kw)
 
 
-def _check_target(ctx, target: Path):
-    """Never write into someone else's directory, nor into the workdir or the base."""
-    target = target.resolve()
-    for inside, what in ((ctx.workdir.resolve(), "the workdir"),):
-        if target == inside or inside in target.parents:
-            raise FuseError("F501", f"publish path {target} is inside {what}", key=f"{ctx.stage.id}.path",
-                            fix="publish to a directory outside the workdir")
-    if target.exists() and any(target.iterdir()) and not (target / card.PROVENANCE).exists():
-        raise FuseError("F501", f"publish path {target} is not empty and holds no earlier Fuse publish",
-                        file=target, key=f"{ctx.stage.id}.path",
-                        fix="choose an empty or new directory (Fuse replaces files it published before)")
+def _metrics(ctx, to: str, pub, outcome, files) -> dict:
+    sent, nbytes = len(outcome.uploaded), outcome.bytes_uploaded
+    unchanged = outcome.files - sent
+    if to == "dir":
+        target = pub.target
+        ctx.external = {"root": str(target),
+                        "files": [file_record(target, f.path, f.sha256) for f in files]}
+        ctx.log(f"published {outcome.files} files to {target}: {sent} copied ({nbytes / 1e6:.1f} MB), "
+                f"{unchanged} unchanged" + (f", {len(outcome.deleted)} removed" if outcome.deleted else ""))
+        return {"files": outcome.files, "files_copied": sent, "bytes_copied": nbytes, "files_unchanged": unchanged,
+                "files_deleted": len(outcome.deleted)}
+    rec = outcome.record
+    metrics = {"target": to, "files": outcome.files, "files_uploaded": sent, "bytes_uploaded": nbytes,
+               "files_unchanged": unchanged, "files_deleted": len(outcome.deleted), "verified": outcome.files}
+    if to == "hub":
+        metrics.update({k: rec[k] for k in ("repo_id", "revision", "commit", "url", "commit_url", "tag", "commits")})
+        ctx.log(f"published {outcome.files} files to {rec['url']} @ {rec['commit'][:12]}"
+                + (f" (tag {rec['tag']})" if rec.get("tag") else "") + f": {sent} uploaded ({nbytes / 1e6:.1f} MB), "
+                f"{unchanged} unchanged, {rec['commits']} commit(s), all {outcome.files} verified")
+    else:
+        metrics.update({"url": rec["url"], "endpoint": rec.get("endpoint")})
+        ctx.log(f"published {outcome.files} files to {rec['url']}: {sent} uploaded ({nbytes / 1e6:.1f} MB), "
+                f"{unchanged} unchanged, all {outcome.files} verified")
+    return metrics
