@@ -8,16 +8,26 @@ from __future__ import annotations
 from .pipeline import Param
 
 NAME = "merge"
-VERSION = 1
+VERSION = 2  # 2: method/density/seed, base_precision, dequantized bitsandbytes bases, new families
 INPUT = ()  # reads the base and adapters, not an upstream stage
 OUTPUT = "hf-model"
-LIBS = ("torch", "safetensors", "peft")
+LIBS = ("torch", "safetensors", "peft", "bitsandbytes")
 CARD_METRICS = ("tensors_merged", "tensors_copied")  # deterministic: shown in the model card
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PARAMS = {
     "dtype": Param(str, "auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="output dtype; auto keeps each tensor's own dtype"),
     "max_shard_size": Param(str, "5GB", help="largest output shard, e.g. 2GB or 500MB"),
+    "method": Param(str, "linear", choices=("linear", "ties", "dare_linear", "dare_ties"),
+                    help="how several adapters combine: linear = W0 + sum of weight x update; ties / dare_* act on "
+                         "the full updates (docs/merging.md)"),
+    "density": Param(float, None, help="ties / dare_*: fraction of each update kept, in (0, 1]"),
+    "seed": Param(int, None, help="dare_*: seed of the random drop masks (same seed, same model)"),
+    "base_precision": Param(str, "original", choices=("original", "nf4"),
+                            help="merge into the base as stored, or into its NF4 round trip (what a QLoRA adapter "
+                                 "saw in training; needs bitsandbytes)"),
+    "nf4_double_quant": Param(bool, False, help="base_precision nf4: the base was loaded with "
+                                                "bnb_4bit_use_double_quant"),
 }
 
 
@@ -53,6 +63,9 @@ def run(ctx) -> dict:
     with ctx.progress("merge", weights) as progress:
         report = merge_model(ctx.base.dir, ctx.adapters, ctx.output_dir, dtype=ctx.params["dtype"],
                              max_shard_bytes=parse_size(ctx.params["max_shard_size"]),
-                             on_bytes=progress.advance, log=ctx.log)
+                             on_bytes=progress.advance, log=ctx.log, method=ctx.params["method"],
+                             density=ctx.params["density"], seed=ctx.params["seed"],
+                             base_precision=ctx.params["base_precision"],
+                             nf4_double_quant=ctx.params["nf4_double_quant"])
     ctx.hashes.update(report.hashes)
     return report.metrics

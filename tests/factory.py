@@ -118,3 +118,72 @@ def make_lora_adapter(model_dir, out_dir, *, target_modules, r: int = 4, alpha: 
     out_dir = Path(out_dir)
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def randomize_adapter(peft_model, *, seed: int = 0, scale: float = 0.1) -> None:
+    """Add seeded noise to every trainable parameter of ``peft_model`` (adapter weights, modules_to_save),
+    so that no update is zero or an identity (peft initialises most methods to a no-op)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(peft_model.named_parameters()):
+            if p.requires_grad:
+                p.add_((torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale).to(p.dtype))
+
+
+def make_peft_adapter(model_dir, out_dir, config, *, seed: int = 0, scale: float = 0.1, model=None,
+                      vocab_size: int | None = None, **save_kwargs) -> Path:
+    """Wrap the model at ``model_dir`` (or ``model``) with any peft ``config``, randomise it, save it.
+
+    ``vocab_size`` resizes the token embeddings first (new rows added after the resize, as a
+    tokenizer with added tokens does)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if vocab_size is not None:
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(vocab_size)
+    peft_model = get_peft_model(model, config)
+    randomize_adapter(peft_model, seed=seed, scale=scale)
+    out_dir = Path(out_dir)
+    peft_model.save_pretrained(out_dir, **save_kwargs)
+    return out_dir
+
+
+class ConvNet(torch.nn.Module):
+    """A tiny model with Conv1d and Conv2d layers (no transformers class has both), for conv adapters."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv1 = torch.nn.Conv1d(channels, channels * 2, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels, channels * 2, 3, padding=1)
+        self.point = torch.nn.Conv2d(channels * 2, channels, 1)
+        self.head = torch.nn.Linear(channels, 4)
+
+    def forward(self, x1d, x2d):
+        a = self.conv1(x1d).mean(-1)
+        b = self.point(torch.relu(self.conv2(x2d))).mean((-1, -2))
+        return self.head(b) + a[:, :4]
+
+
+def make_conv_model(out_dir, *, seed: int = 0, dtype=torch.float32) -> Path:
+    """Save a :class:`ConvNet` as ``model.safetensors`` (+ an empty config.json); returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = ConvNet().to(dtype)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    (out_dir / "config.json").write_text("{}\n")
+    return out_dir
+
+
+def load_conv_model(model_dir, dtype=torch.float32) -> ConvNet:
+    from safetensors.torch import load_file
+
+    model = ConvNet().to(dtype)
+    model.load_state_dict(load_file(Path(model_dir) / "model.safetensors"))
+    return model.eval()

@@ -270,8 +270,11 @@ def test_planner_resolves_patterns_like_peft():
 
 
 def test_planner_does_not_import_torch():
-    code = ("import sys, stages.io.safetensors, stages.peft.adapter, stages.peft.plan, stages.peft.lora; "
-            "assert 'torch' not in sys.modules")
+    from stages.peft import FAMILIES
+
+    families = ", ".join(FAMILIES.values())
+    code = (f"import sys, stages.io.safetensors, stages.peft.adapter, stages.peft.plan, stages.peft.quantized, "
+            f"stages.peft.combine, {families}; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -465,8 +468,11 @@ def test_adapter_types_from_real_configs(tmp_path):
     """Every real adapter_config.json: LoRA loads unless it is a variant Fuse refuses; the rest are F202."""
     if not CONFIGS.is_dir():
         pytest.skip(f"fixture {CONFIGS} is absent")
+    from stages.peft import FAMILIES
+
     refused_lora = {"bdlora": "use_bdlora", "kasa": "kasa_config"}
     prompt_like = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT"}
+    loaded = set()
     for config_file in sorted(CONFIGS.glob("*.json")):
         adapter = tmp_path / config_file.stem
         adapter.mkdir()
@@ -474,8 +480,9 @@ def test_adapter_types_from_real_configs(tmp_path):
         save_file({"base_model.model.x.lora_A.weight": torch.zeros(1, 1)}, adapter / "adapter_model.safetensors")
         peft_type = json.loads(config_file.read_text())["peft_type"]
         refused = next((key for tag, key in refused_lora.items() if tag in config_file.stem), None)
-        if peft_type == "LORA" and not refused:
-            assert load_adapter(adapter).peft_type == "LORA"
+        if peft_type in FAMILIES and not refused:
+            assert load_adapter(adapter).peft_type == peft_type
+            loaded.add(peft_type)
             continue
         with pytest.raises(FuseError) as e:
             load_adapter(adapter)
@@ -486,6 +493,7 @@ def test_adapter_types_from_real_configs(tmp_path):
             assert f"cannot be merged: {NOT_MERGEABLE[peft_type]}" in str(e.value)
         else:
             assert "no merge module" in str(e.value)
+    assert {"LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA", "ADALORA", "TRAINABLE_TOKENS"} <= loaded
 
 
 def test_pickled_adapter_only_when_allowed(llama, llama_adapter, tmp_path):

@@ -44,7 +44,9 @@ def test_good_pipeline_resolves_paths_ids_and_defaults(tree):
     assert p.adapters[0].path == (tree / "adapter").resolve() and p.adapters[0].weight == 1.0
     assert p.workdir == (tree / "runs" / "demo").resolve()  # default workdir runs/${name}, relative to the file
     assert [s.id for s in p.stages] == ["validate", "merge", "publish"]
-    assert p.stage("merge").params == {"dtype": "bfloat16", "max_shard_size": "5GB"}
+    merge = p.stage("merge").params
+    assert merge["dtype"] == "bfloat16" and merge["max_shard_size"] == "5GB"  # given, and a default
+    assert merge["method"] == "linear" and merge["base_precision"] == "original"
     assert p.stage("publish").params["path"] == str((tree / "out").resolve())
 
 

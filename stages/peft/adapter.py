@@ -31,6 +31,13 @@ NOT_MERGEABLE = {
 }
 
 
+# Adapter formats of other libraries whose updates no weight change expresses, with the reason.
+REFT = ("ReFT interventions (pyreft) edit hidden representations at chosen layers and positions, "
+        "which is not a change to any weight")
+BOTTLENECK = ("bottleneck adapters (the `adapters` library) insert new down/up-projection layers with a "
+              "non-linearity between them, which no change to the existing weights expresses")
+
+
 @dataclass
 class Adapter:
     """One adapter directory: config, tensor headers, and its weight in a weighted merge."""
@@ -42,6 +49,7 @@ class Adapter:
     weights_file: Path
     weight: float = 1.0
     _in_memory: dict = field(default_factory=dict, repr=False)  # tensors of an allowed pickle file
+    _cache: dict = field(default_factory=dict, repr=False)      # per-adapter values the merge computes once
 
     def load(self, name: str):
         """One adapter tensor as stored (its dtype unchanged)."""
@@ -57,8 +65,16 @@ def load_adapter(path, weight: float = 1.0, *, allow_pickle: bool = False) -> Ad
     path = Path(path)
     if not path.is_dir():
         raise FuseError("F208", f"adapter directory {path} does not exist", file=path)
+    _refuse_foreign_formats(path)
     config = read_adapter_config(path / CONFIG_NAME)
     peft_type = str(config.get("peft_type", "")).upper()
+    if not peft_type and isinstance(config.get("config"), dict):  # saved by the `adapters` library
+        if _is_bottleneck(config["config"]):
+            raise FuseError("F202", f"this adapter cannot be merged: {BOTTLENECK}", file=path / CONFIG_NAME,
+                            fix="serve the base model with the adapter loaded by the adapters library instead")
+        raise FuseError("F202", "this adapter was saved by the `adapters` library, not peft; Fuse merges peft "
+                        "adapters", file=path / CONFIG_NAME, key="config",
+                        fix="merge it with the adapters library (model.merge_adapter), or train it with peft")
     if not peft_type:
         raise FuseError("F201", "adapter_config.json has no peft_type", file=path / CONFIG_NAME, key="peft_type",
                         fix="save the adapter with peft's save_pretrained, which writes peft_type")
@@ -78,6 +94,28 @@ def load_adapter(path, weight: float = 1.0, *, allow_pickle: bool = False) -> Ad
         raise FuseError("F208", f"{weights_file.name} holds no tensors", file=weights_file)
     return Adapter(path=path, config=config, peft_type=peft_type, tensors=tensors,
                    weights_file=weights_file, weight=float(weight), _in_memory=in_memory)
+
+
+def _refuse_foreign_formats(path: Path) -> None:
+    """F202 for a pyreft (ReFT) save directory: intervention files and no adapter_config.json."""
+    if (path / CONFIG_NAME).exists():
+        return
+    interventions = any(p.name.startswith("intkey_") for p in path.iterdir())
+    config = path / "config.json"
+    reft_config = False
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+            reft_config = isinstance(data, dict) and ("intervention_types" in data or "representations" in data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+    if interventions or reft_config:
+        raise FuseError("F202", f"this adapter cannot be merged: {REFT}", file=path,
+                        fix="serve the base model with the intervention loaded by pyreft instead of merging")
+
+
+def _is_bottleneck(inner: dict) -> bool:
+    return "reduction_factor" in inner or "mh_adapter" in inner or inner.get("architecture") == "bottleneck"
 
 
 def read_adapter_config(path: Path) -> dict:

@@ -1,11 +1,15 @@
 """The LoRA family: Linear (incl. fan_in_fan_out), Embedding, rsLoRA, rank/alpha patterns,
-lora_bias and DoRA, with peft's formulas (peft/tuners/lora/layer.py, variants.py, dora.py).
+lora_bias and DoRA, with peft's formulas (peft/tuners/lora/layer.py, variants.py, dora.py);
+Conv1d/2d/3d through peft's own ``_ConvNd`` layer; MoE expert parameters (``target_parameters``,
+``ParamWrapper``) where the checkpoint stores them as the model holds them; and
+``trainable_token_indices`` (rows of the embedding replaced).
 
 Planning helpers here are torch-free; only :func:`apply` imports torch.
 """
 from __future__ import annotations
 
 import math
+import re
 
 from stages.findings import FuseError
 from stages.io.safetensors import TensorInfo
@@ -22,6 +26,7 @@ SUFFIXES = {
     ".lora_embedding_B": ("weight", "emb_B"),
     ".lora_magnitude_vector": ("weight", "m"),
     ".lora_magnitude_vector.weight": ("weight", "m"),
+    ".token_adapter.trainable_tokens_delta": ("weight", "tokens"),
 }
 
 # init_lora_weights values that change the base weights during training: the adapter only
@@ -31,8 +36,6 @@ _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # LoraConfig fields of variants whose merge is not W + scale·B@A, with why Fuse refuses them.
 _REFUSED_VARIANTS = {
     "layer_replication": "layer replication shares weights between duplicated layers; peft refuses to merge it",
-    "target_parameters": "LoRA on raw parameters (MoE experts) is not supported by Fuse yet",
-    "trainable_token_indices": "trainable tokens are not supported by Fuse yet",
     "use_bdlora": "block-diagonal LoRA is not supported by Fuse yet",
     "arrow_config": "Arrow routes between LoRA experts per input, so there is no single weight to merge",
     "alora_invocation_tokens": "activated LoRA only acts after its invocation tokens, which no weight change expresses",
@@ -79,10 +82,15 @@ def scaling(config: dict, module: str) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def make_update(index: int, adapter, module: str, param: str, roles: dict, target: TensorInfo):
+def make_update(index: int, adapter, module: str, param: str, roles: dict, target: TensorInfo, ctx=None):
     """Check one module's LoRA tensors against the base tensor's shape (F204) and build its update."""
     from stages.peft.plan import Update
 
+    if "tokens" in roles:
+        tokens = trainable_tokens_update(index, adapter, module, roles.pop("tokens"), target, ctx)
+        return [(param, tokens)] + ([] if not roles else _as_list(make_update(index, adapter, module, param, roles,
+                                                                              target, ctx), param))
+    method = ctx.method if ctx else "linear"
     shapes = {role: adapter.tensors[key].shape for role, key in roles.items()}
     where = {"file": str(adapter.weights_file), "key": next(iter(roles.values()))}
     fifo = bool(adapter.config.get("fan_in_fan_out"))
@@ -93,9 +101,13 @@ def make_update(index: int, adapter, module: str, param: str, roles: dict, targe
     elif {"A", "B"} <= set(roles) <= {"A", "B", "m"}:
         kind = "linear"
         A, B = shapes["A"], shapes["B"]
+        if len(target.shape) == 3 and len(A) == len(B) == 2:
+            return _experts_update(index, adapter, f"{module}.{param}", roles, target, shapes, where, ctx)
+        if len(target.shape) in (3, 4, 5) and len(A) == len(B) == len(target.shape):
+            return conv_update(index, adapter, module, roles, target, shapes, where)
         if len(A) != 2 or len(B) != 2 or len(target.shape) != 2:
-            raise FuseError("F202", f"{module}: LoRA on a {len(target.shape)}-D weight (a convolution?) is not "
-                            "supported by Fuse yet", **where)
+            raise FuseError("F202", f"{module}: LoRA tensors {list(A)} / {list(B)} on a {len(target.shape)}-D weight "
+                            f"{target.name} {list(target.shape)}: not a layer peft merges", **where)
         out_f, in_f = target.shape[::-1] if fifo else target.shape
         if B[0] != out_f or A[1] != in_f or A[0] != B[1]:
             raise _shape_error(roles["A"], f"lora_A {list(A)}, lora_B {list(B)}", target, where,
@@ -118,11 +130,166 @@ def make_update(index: int, adapter, module: str, param: str, roles: dict, targe
                         fix="re-save the adapter; a file is incomplete")
     if "m" in roles:
         kind = "dora_" + kind
-        if adapter.weight != 1.0:
-            raise FuseError("F202", f"DoRA rescales whole rows, so it cannot be merged with weight {adapter.weight}",
-                            **where, fix="give DoRA adapters weight 1.0")
+        if adapter.weight != 1.0 and method == "linear":
+            raise FuseError("F202", f"DoRA rescales whole rows, so a linear merge cannot scale it by {adapter.weight}",
+                            **where, fix="give DoRA adapters weight 1.0, or use method: ties / dare_linear / "
+                                         "dare_ties, which scale its full update W' - W0")
     return Update(adapter=index, kind=kind, module=module, tensors=dict(roles), peft_type=PEFT_TYPE,
                   scaling=scaling(adapter.config, module), weight=adapter.weight, fan_in_fan_out=fifo)
+
+
+def _as_list(made, param):
+    return made if isinstance(made, list) else [(param, made)]
+
+
+# ---------------------------------------------------------------- trainable tokens
+
+def token_indices(config: dict, module: str):
+    """The rows ``trainable_token_indices`` (a list: the input embedding; a dict: per module) gives ``module``."""
+    spec = config.get("trainable_token_indices") or config.get("token_indices")
+    if isinstance(spec, dict):
+        return next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    return spec
+
+
+def trainable_tokens_update(index, adapter, module, key, target, ctx):
+    """Rows of the embedding replaced by the trained ones (peft ``TrainableTokensLayer.merge``: index_copy)."""
+    from stages.peft.plan import Update
+
+    where = {"file": str(adapter.weights_file), "key": key}
+    rows = token_indices(adapter.config, module)
+    if not isinstance(rows, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in rows):
+        raise FuseError("F201", f"{module}: adapter_config.json gives no token indices for this module's trained "
+                        f"tokens (trainable_token_indices={adapter.config.get('trainable_token_indices')!r})", **where)
+    shape = tuple(adapter.tensors[key].shape)
+    if len(target.shape) != 2 or shape != (len(rows), target.shape[1]) or any(not 0 <= i < target.shape[0]
+                                                                              for i in rows):
+        raise _shape_error(key, shape, target, where, f"token indices {rows}")
+    if len(set(rows)) != len(rows):
+        raise FuseError("F201", f"{module}: trainable token indices repeat: {rows}", **where)
+    return Update(adapter=index, kind="tokens", module=module, tensors={"tokens": key}, peft_type=PEFT_TYPE,
+                  weight=adapter.weight, extra={"rows": list(rows), "follows_tie": True})
+
+
+# ---------------------------------------------------------------- convolutions
+
+def conv_update(index, adapter, module, roles, target, shapes, where):
+    """LoRA on Conv1d/2d/3d: A is a conv (r, in, *k), B a 1x1 conv (out, r, 1...) (peft ``_ConvNd``)."""
+    from stages.peft.plan import Update
+
+    A, B = shapes["A"], shapes["B"]
+    k = tuple(target.shape[2:])
+    if A[2:] != k or B[2:] != (1,) * len(k) or B[0] != target.shape[0] or A[0] != B[1] or A[1] != target.shape[1]:
+        raise _shape_error(roles["A"], f"lora_A {list(A)}, lora_B {list(B)}", target, where)
+    _check_rank(adapter, module, A[0], where)
+    if "m" in shapes and math.prod(shapes["m"]) != target.shape[0]:
+        raise _shape_error("lora_magnitude_vector", shapes["m"], target, where)
+    r, alpha = rank_and_alpha(adapter.config, module)
+    return Update(adapter=index, kind="dora_conv" if "m" in roles else "conv", module=module, tensors=dict(roles),
+                  peft_type=PEFT_TYPE, scaling=scaling(adapter.config, module), weight=adapter.weight,
+                  extra={"layout": f"conv{len(k)}d", "r": r, "alpha": alpha})
+
+
+def _conv_layer(W, update, t, adapter):
+    from peft.tuners.lora import layer as L
+
+    from stages.peft.layers import peft_config, peft_layer
+
+    cls = {"conv1d": L.Conv1d, "conv2d": L.Conv2d, "conv3d": L.Conv3d}[update.extra["layout"]]
+    names = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector.weight"}
+    tensors = {names[role]: tensor for role, tensor in t.items()}
+    if "m" in t:  # peft keeps the conv DoRA magnitude as (1, out, 1, ...)
+        tensors[names["m"]] = t["m"].reshape((1, -1) + (1,) * (W.dim() - 2))
+    return peft_layer(cls, W, update.extra["layout"], update, tensors, config=peft_config(adapter),
+                      r=update.extra["r"], lora_alpha=update.extra["alpha"])
+
+
+# ---------------------------------------------------------------- MoE expert parameters (target_parameters)
+
+# transformers 5 expert modules that store (experts, in, out) rather than (experts, out, in)
+# (``use_experts_implementation(is_transposed=True)``); only needed when in == out.
+TRANSPOSED_EXPERTS = ("gpt_oss", "openai_privacy_filter")
+
+
+def regroup(adapter, groups: dict, ctx) -> dict:
+    """LoRA on raw parameters (``target_parameters``): peft saves nested ``ParamWrapper``s as
+    ``<module>[.base_layer]*.lora_A.weight``, naming the module, not the parameter. Find the parameter
+    each nesting level updates from the shapes; refuse, naming the tensors, when the checkpoint does not
+    store that parameter as the model holds it at run time (e.g. experts saved one by one)."""
+    targets = adapter.config.get("target_parameters") or []
+    if not targets:
+        return groups
+    out, pending = {}, {}
+    for (module, param), roles in groups.items():
+        clean = module
+        while clean.endswith(".base_layer"):
+            clean = clean[: -len(".base_layer")]
+        names = sorted({t.rpartition(".")[2] for t in targets if f"{clean}.{t.rpartition('.')[2]}".endswith(t)})
+        if not names or (clean == module and ctx.resolve(f"{module}.{param}") is not None):
+            out[(module, param)] = roles
+            continue
+        pending.setdefault(clean, []).append(roles)
+    for clean, levels in pending.items():
+        found = {n: ctx.resolve(f"{clean}.{n}") for n in sorted({t.rpartition(".")[2] for t in targets})
+                 if f"{clean}.{n}".endswith(tuple(targets))}
+        missing = [f"{clean}.{n}" for n, base_name in found.items() if base_name is None]
+        if missing or not found:
+            raise _layout_refusal(adapter, clean, missing or [clean], ctx, levels)
+        free = dict(found)
+        for roles in levels:
+            A, B = (adapter.tensors[roles[r]].shape for r in ("A", "B"))
+            fits = [n for n, base_name in free.items() if _fits_expert(ctx.base.tensors[base_name].shape, A, B)]
+            if len(fits) != 1:
+                why = "none of" if not fits else "several of"
+                raise FuseError("F204", f"{roles['A']}: {why} the targeted parameters "
+                                f"({', '.join(f'{clean}.{n}' for n in free)}) fit lora_A {list(A)} / lora_B {list(B)}",
+                                file=str(adapter.weights_file), key=roles["A"],
+                                fix="merge the adapter into the model it was trained on")
+            out[(clean, fits[0])] = roles
+            del free[fits[0]]
+    return out
+
+
+def _fits_expert(shape, A, B) -> bool:
+    if len(A) != 2 or len(B) != 2 or A[0] != B[1]:
+        return False
+    if len(shape) == 2:
+        return (B[0], A[1]) == tuple(shape)
+    if len(shape) != 3 or A[0] % shape[0]:
+        return False
+    return (shape[1], shape[2]) in ((B[0], A[1]), (A[1], B[0]))
+
+
+def _layout_refusal(adapter, clean, missing, ctx, levels) -> FuseError:
+    layer = re.match(r"(.*?\.(?:layers|h|blocks)\.\d+\.)", clean)
+    prefix = layer.group(1) if layer else clean.rsplit(".", 1)[0]
+    stored = [n for n in ctx.base.tensors if n.startswith(prefix) and "expert" in n][:4]
+    seen = f"; the checkpoint stores {', '.join(stored)}{', ...' if stored else ''}" if stored else ""
+    key = next(iter(levels[0].values()))
+    return FuseError("F202", f"LoRA on {', '.join(missing)} (target_parameters) changes the expert tensor the model "
+                     f"holds at run time, which this checkpoint does not store in that layout{seen}; Fuse merges "
+                     "target_parameters only where the on-disk layout equals the runtime one",
+                     file=str(adapter.weights_file), key=key,
+                     fix="merge with peft's merge_and_unload() and save_pretrained(), which convert the layout")
+
+
+def _experts_update(index, adapter, module, roles, target, shapes, where, ctx):
+    """A 3-D expert parameter (E, ., .): A is (r*E, in), B is (out, r*E) (peft ``ParamWrapper``)."""
+    from stages.peft.plan import Update
+
+    A, B = shapes["A"], shapes["B"]
+    E = target.shape[0]
+    if not _fits_expert(target.shape, A, B) or set(roles) != {"A", "B"}:
+        raise _shape_error(roles["A"], f"lora_A {list(A)}, lora_B {list(B)}", target, where)
+    model_type = (ctx.base.config.get("model_type") if ctx else None) or ""
+    if (target.shape[1], target.shape[2]) == (B[0], A[1]) and (A[1] != B[0] or model_type not in TRANSPOSED_EXPERTS):
+        orientation = "e o i"   # (experts, out, in): most MoE models
+    else:
+        orientation = "e i o"   # (experts, in, out): gpt-oss
+    _check_rank(adapter, module, A[0] // E, where)
+    return Update(adapter=index, kind="experts", module=module, tensors=dict(roles), peft_type=PEFT_TYPE,
+                  scaling=scaling(adapter.config, module), weight=adapter.weight,
+                  extra={"experts": E, "orientation": orientation})
 
 
 def _check_rank(adapter, module: str, rank: int, where: dict) -> None:
@@ -144,15 +311,34 @@ def _shape_error(what, shape, target: TensorInfo, where: dict, note=None) -> Fus
                      fix="merge the adapter into the model it was trained on")
 
 
-def apply(W, W0, update, t: dict):
+def apply(W, W0, update, t: dict, adapter=None):
     """``W`` (float32, may be changed in place) with one LoRA update applied; ``W0`` is the
     tensor before any adapter (DoRA's norm uses it, as peft's ``_unmerged_base_weight``).
     ``t`` maps roles to float32 adapter tensors. Formulas: peft ``Linear.get_delta_weight``,
-    ``Embedding.get_delta_weight``, ``DoraLinearVariant``/``DoraEmbeddingVariant.merge_unsafe``.
+    ``Embedding.get_delta_weight``, ``DoraLinearVariant``/``DoraEmbeddingVariant.merge_unsafe``;
+    convolutions go through peft's own ``_ConvNd`` layer; expert parameters are
+    ``ParamWrapper.get_delta_weight``'s einsum; trained tokens ``TrainableTokensLayer.merge``.
     """
     import torch
 
     kind = update.kind
+    if kind == "tokens":
+        index = torch.tensor(update.extra["rows"], dtype=torch.long)
+        return W.index_copy_(0, index, t["tokens"].to(W.dtype))
+    if kind in ("conv", "dora_conv"):
+        from stages.peft.layers import delta_weight, merged_weight
+
+        layer = _conv_layer(W, update, t, adapter)
+        if kind == "dora_conv":
+            return merged_weight(layer)
+        delta = delta_weight(layer)
+        return W.add_(delta * update.weight if update.weight != 1.0 else delta)
+    if kind == "experts":  # peft ParamWrapper.get_delta_weight (lora/layer.py), E experts
+        E = update.extra["experts"]
+        A = t["A"].reshape(E, -1, t["A"].shape[-1])
+        B = t["B"].reshape(t["B"].shape[0], -1, E)
+        delta = torch.einsum(f"o r e, e r i -> {update.extra['orientation']}", B, A) * update.scaling
+        return W.add_(delta * update.weight if update.weight != 1.0 else delta)
     if kind == "bias":
         delta = t["bias"] * update.scaling
     else:  # in place from here on: a full-size temporary less than peft's `* scaling`, same values

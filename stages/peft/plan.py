@@ -6,6 +6,7 @@ skip; a tensor that lands on a base tensor of the wrong shape is F204. No torch 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from stages.findings import FuseError
 from stages.io.safetensors import FLOAT_DTYPES, ModelWeights, TensorInfo
 from stages.peft import family_for
 from stages.peft.adapter import Adapter
+from stages.peft.combine import METHODS
+from stages.peft.family import is_embedding
 
 PREFIX = "base_model.model."  # what peft puts before every module path it saves
 HEAD = "lm_head.weight"
@@ -29,6 +32,7 @@ class Update:
 
     ``kind`` is ``"replace"`` (a full tensor from the adapter: modules_to_save, an
     embedding saved whole, ``bias="all"``) or a family-specific kind such as ``"linear"``.
+    ``extra`` holds what a family decided at planning time (layout, rank, ...).
     """
 
     adapter: int               # index into MergePlan.adapters
@@ -39,6 +43,13 @@ class Update:
     scaling: float = 1.0
     weight: float = 1.0        # the adapter's weight in a weighted merge
     fan_in_fan_out: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def follows_tie(self) -> bool:
+        """Changes the embedding *parameter* itself (a resized table saved whole, trainable tokens): a tied
+        lm_head, which is that same parameter, changes with it."""
+        return bool(self.extra.get("follows_tie"))
 
 
 @dataclass
@@ -49,16 +60,44 @@ class MergePlan:
     updates: dict[str, list[Update]]  # output tensor -> its updates (replacements first)
     untie: bool = False               # lm_head written on its own, tie_word_embeddings=false
     warnings: list[dict] = field(default_factory=list)
+    shapes: dict[str, tuple] = field(default_factory=dict)  # output tensor -> shape, where an adapter resized it
+    vocab_size: int | None = None     # new vocab_size for config.json when the embedding was resized
+    method: str = "linear"
+    options: dict = field(default_factory=dict)  # the merge's own settings (density, seed, nf4 tensors)
+
+    def shape(self, name: str) -> tuple:
+        return self.shapes.get(name, self.outputs[name].shape)
 
     def summary(self) -> dict:
         replaced = sum(any(u.kind == "replace" for u in us) for us in self.updates.values())
-        return {
+        summary = {
             "adapter_tensors": sum(len(a.tensors) for a in self.adapters),
             "tensors_updated": len(self.updates),
             "tensors_replaced": replaced,
             "tensors_unchanged": len(self.outputs) - len(self.updates),
             "untie_embeddings": self.untie,
         }
+        if self.vocab_size is not None:
+            summary["vocab_size"] = self.vocab_size
+        return summary
+
+
+@dataclass
+class PlanContext:
+    """What a family may look at while planning one module: the base, the tie, the merge method."""
+
+    base: ModelWeights
+    tied: tuple | None
+    method: str = "linear"
+    shapes: dict = field(default_factory=dict)  # resized outputs so far
+
+    def resolve(self, name: str) -> str | None:
+        return _resolve(name, self.base, self.tied)
+
+    def target(self, name: str) -> TensorInfo:
+        info = _source(name, self.base, self.tied)
+        shape = self.shapes.get(name)
+        return dataclasses.replace(info, shape=shape) if shape else info
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
@@ -72,13 +111,16 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     return key_to_match
 
 
-def plan_merge(base: ModelWeights, adapters: list[Adapter]) -> MergePlan:
+def plan_merge(base: ModelWeights, adapters: list[Adapter], method: str = "linear") -> MergePlan:
     """Map every tensor of every adapter onto the base; raises F202/F203/F204."""
+    if method not in METHODS:
+        raise FuseError("F103", f"merge method must be one of {', '.join(METHODS)}, got {method!r}", key="method")
     tied = tied_embeddings(base)
+    ctx = PlanContext(base=base, tied=tied, method=method)
     updates: dict[str, list[Update]] = {}
     warnings: list[dict] = []
     for index, adapter in enumerate(adapters):
-        for name, update in _plan_adapter(index, adapter, base, tied):
+        for name, update in _plan_adapter(index, adapter, ctx):
             updates.setdefault(name, []).append(update)
             if update.kind == "replace" and adapter.weight != 1.0:
                 key = update.tensors["tensor"]
@@ -89,19 +131,51 @@ def plan_merge(base: ModelWeights, adapters: list[Adapter]) -> MergePlan:
         tensor_updates.sort(key=lambda u: u.kind != "replace")
 
     outputs = dict(base.tensors)
-    untie = bool(tied) and any(name in updates for name in tied)
+    shapes = dict(ctx.shapes)
+    untie = bool(tied) and any(not u.follows_tie for name in tied for u in updates.get(name, []))
     if untie:
-        outputs[HEAD] = base.tensors[tied[0]]  # lm_head starts as the embedding it was tied to
-    return MergePlan(base=base, adapters=adapters, outputs=outputs, updates=updates, untie=untie,
-                     warnings=warnings)
+        embed = tied[0]
+        outputs[HEAD] = base.tensors[embed]  # lm_head starts as the embedding it was tied to ...
+        follow = [u for u in updates.get(embed, []) if u.follows_tie]  # ... as the adapters changed that parameter
+        if follow:
+            updates[HEAD] = follow + updates.get(HEAD, [])
+            if embed in shapes:
+                shapes.setdefault(HEAD, shapes[embed])
+    elif tied:
+        updates.pop(HEAD, None)  # (never planned: anything on lm_head unties)
+    plan = MergePlan(base=base, adapters=adapters, outputs=outputs, updates=updates, untie=untie,
+                     warnings=warnings, shapes=shapes, method=method)
+    plan.vocab_size = _check_vocab(plan, tied)
+    return plan
 
 
-def _plan_adapter(index: int, adapter: Adapter, base: ModelWeights, tied):
+def _check_vocab(plan: MergePlan, tied) -> int | None:
+    """The new vocab_size when adapters resized the embedding; F204 when embedding and lm_head disagree."""
+    embed = next((e for e in EMBEDDINGS if e in plan.outputs), None)
+    if embed is None or not plan.shapes:
+        return None
+    rows = plan.shape(embed)[0]
+    if HEAD in plan.outputs and plan.shape(HEAD)[0] != rows:
+        resized = embed if embed in plan.shapes else HEAD
+        raise FuseError("F204", f"after the merge {embed} has {rows} rows but {HEAD} has {plan.shape(HEAD)[0]}: the "
+                        f"adapters resized only {resized}", key=resized,
+                        fix="a resized vocabulary needs both the embedding and lm_head in the adapter "
+                            "(peft's save_pretrained(save_embedding_layers=True) or modules_to_save)")
+    return rows if rows != plan.outputs[embed].shape[0] else None
+
+
+def _plan_adapter(index: int, adapter: Adapter, ctx: PlanContext):
     """``[(output tensor, Update)]`` for one adapter; F203 if any of its tensors lands nowhere."""
+    base, tied = ctx.base, ctx.tied
     family = family_for(adapter.peft_type)
     groups: dict[tuple, dict] = {}   # (module, param) -> {role: key}
+    shared: dict[str, str] = {}      # tensors the family shares between modules (VeRA's projections)
     planned, unmapped = [], []
+    copies = adapter.config.get("modules_to_save") or []
     for key in adapter.tensors:
+        if key.removeprefix("base_model.") in getattr(family, "SHARED", ()):
+            shared[key.removeprefix("base_model.")] = key
+            continue
         module, param, role = split_key(key, family.SUFFIXES)
         if role != "replace":
             groups.setdefault((module, param), {})[role] = key
@@ -110,21 +184,42 @@ def _plan_adapter(index: int, adapter: Adapter, base: ModelWeights, tied):
         if name is None:
             unmapped.append((key, module))
             continue
-        _check_replacement(adapter, key, _source(name, base, tied))
-        planned.append((name, Update(index, "replace", module, {"tensor": key}, weight=adapter.weight)))
+        owner = module.rsplit(".", 1)[0]
+        original = ".original_module." in key  # a ModulesToSaveWrapper saved whole: the base it wrapped
+        follows = original or (not _in_modules_to_save(owner, copies) and name in (tied or ()))
+        _check_replacement(adapter, key, _source(name, base, tied), name, ctx)
+        planned.append((name, Update(index, "replace", module, {"tensor": key}, weight=adapter.weight,
+                                     extra={"follows_tie": follows, "original": original})))
+    if hasattr(family, "regroup"):  # e.g. LoRA on MoE expert parameters: the key does not name the parameter
+        groups = family.regroup(adapter, groups, ctx)
+    family_updates = []
     for (module, param), roles in groups.items():
         name = _resolve(f"{module}.{param}", base, tied)
         if name is None:
             unmapped.extend((key, f"{module}.{param}") for key in roles.values())
             continue
-        target = _source(name, base, tied)
+        target = ctx.target(name)
         if target.dtype not in FLOAT_DTYPES:
             raise FuseError("F209", f"{name} is stored as {target.dtype}; Fuse merges into float16, bfloat16, "
                             "float32 and float64 tensors only", file=str(target.path), key=name)
-        planned.append((name, family.make_update(index, adapter, module, param, roles, target)))
+        made = family.make_update(index, adapter, module, param, roles, target, ctx=ctx)
+        for out_param, update in made if isinstance(made, list) else [(param, made)]:
+            out = name if out_param == param else _resolve(f"{module}.{out_param}", base, tied)
+            planned.append((out, update))
+            family_updates.append(update)
     if unmapped:
         raise _unmapped_error(adapter, unmapped, base)
+    if hasattr(family, "finalize"):
+        family.finalize(adapter, [u for u in family_updates if u.kind != "replace"], shared)
+    elif shared:
+        raise _unmapped_error(adapter, [(key, key) for key in shared.values()], base)
     return planned
+
+
+def _in_modules_to_save(module: str, copies) -> bool:
+    if isinstance(copies, str):
+        copies = [copies]
+    return any(module == c or module.endswith("." + c) for c in copies)
 
 
 def split_key(key: str, suffixes: dict) -> tuple[str, str | None, str]:
@@ -132,14 +227,16 @@ def split_key(key: str, suffixes: dict) -> tuple[str, str | None, str]:
 
     A key with no family suffix is a full tensor (role ``"replace"``), returned as the
     base tensor name it replaces: peft saves ``modules_to_save`` as the module's own
-    state dict (older versions as ``<module>.modules_to_save.<adapter>.<param>``) and a
-    LoRA-targeted embedding whole as ``<module>.base_layer.weight``.
+    state dict (older versions as ``<module>.modules_to_save.<adapter>.<param>``; with a
+    resized vocabulary the whole wrapper, ``original_module`` included) and a LoRA-targeted
+    embedding whole as ``<module>.base_layer.weight``.
     """
     k = key.removeprefix(PREFIX)
     for suffix, (param, role) in suffixes.items():
         if k.endswith(suffix):
             return k[: -len(suffix)], param, role
-    k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k).replace(".base_layer.", ".")
+    k = re.sub(r"\.(?:modules_to_save|original_module)\.(?:[^.]+\.)?(?=[^.]+$)", ".", k)
+    k = k.replace(".base_layer.", ".")
     return k, None, "replace"
 
 
@@ -193,12 +290,23 @@ def _source(name: str, base: ModelWeights, tied) -> TensorInfo:
     return base.tensors[tied[0]] if tied and name == HEAD else base.tensors[name]
 
 
-def _check_replacement(adapter: Adapter, key: str, target: TensorInfo) -> None:
-    shape = adapter.tensors[key].shape
-    if shape != target.shape:
-        raise FuseError("F204", f"adapter tensor {key} has shape {list(shape)} but replaces {target.name} of shape "
-                        f"{list(target.shape)}", file=str(adapter.weights_file), key=key,
-                        fix="a resized vocabulary is not supported yet; check the adapter was trained on this base")
+def _check_replacement(adapter: Adapter, key: str, target: TensorInfo, name: str, ctx: PlanContext) -> None:
+    """F204 unless the replacement has the base tensor's shape, or is an embedding / lm_head with rows added
+    (a vocabulary resized before training): then the output takes the new shape."""
+    shape = tuple(adapter.tensors[key].shape)
+    if shape == tuple(target.shape):
+        return
+    vocab_table = name in EMBEDDINGS or name == HEAD or is_embedding(name.removesuffix(".weight"))
+    if vocab_table and len(shape) == 2 and shape[1:] == tuple(target.shape[1:]) and shape[0] > target.shape[0]:
+        if ctx.shapes.setdefault(name, shape) != shape:
+            raise FuseError("F204", f"adapters resize {name} to different sizes ({list(ctx.shapes[name])} and "
+                            f"{list(shape)})", file=str(adapter.weights_file), key=key,
+                            fix="merge adapters trained with the same tokenizer")
+        return
+    raise FuseError("F204", f"adapter tensor {key} has shape {list(shape)} but replaces {target.name} of shape "
+                    f"{list(target.shape)}", file=str(adapter.weights_file), key=key,
+                    fix="merge the adapter into the model it was trained on" + (
+                        "; a resized vocabulary may only add rows" if vocab_table else ""))
 
 
 def _unmapped_error(adapter: Adapter, unmapped: list, base: ModelWeights) -> FuseError:
