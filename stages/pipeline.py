@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -296,6 +297,10 @@ def load(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Pipeline
     stages = _load_stages(data["stages"], here, interp, located)
     _apply_overrides(stages, overrides, here, interp, located)
     _link_stages(stages, located)
+    for s in stages:  # cross-parameter rules a stage declares (e.g. publish to: hub needs repo_id)
+        check = getattr(s.module, "check_params", None)
+        if check:
+            check(SimpleNamespace(params=s.params, stage=s, pipeline=SimpleNamespace(path=path.resolve())))
 
     recorded = {
         "version": data.get("version", 1),

@@ -59,6 +59,11 @@ COMMON = {"to", "card"}
 GENERATED = (card.PROVENANCE, card.SUMS, "README.md")
 
 
+def input_files(params) -> list[str]:
+    """Files whose content shapes the output: the runner hashes them into the fingerprint."""
+    return [params["card"]] if params.get("card") else []
+
+
 def check_params(ctx) -> None:
     """Target-specific parameters: the required one is there, none of another target's is."""
     to, params = ctx.params["to"], ctx.params

@@ -164,6 +164,9 @@ class Runner:
             inputs["upstream"] = {"id": up.id, "digest": (rec or {}).get("output_digest")} if up else None
         else:
             inputs.update(self.input_digests())
+        extra = getattr(mod, "input_files", None)  # files a parameter names, e.g. a card template
+        if extra:
+            inputs["files"] = [self.cache.tree(Path(f))[0] for f in extra(s.params)]
         return {
             "stage": s.name,
             "version": mod.VERSION,
@@ -356,10 +359,10 @@ def _why_changed(old: dict, new: dict) -> str:
         return f"parameter {k} changed ({op.get(k)!r} → {np_.get(k)!r})" if len(changed) == 1 else \
             "parameters changed: " + ", ".join(changed)
     oi, ni = old.get("inputs", {}), new.get("inputs", {})
-    for key in ("upstream", "base", "adapters"):
+    for key in ("upstream", "base", "adapters", "files"):
         if oi.get(key) != ni.get(key) and key in ni:
             return {"upstream": "upstream output changed", "base": "base model changed",
-                    "adapters": "adapter changed"}[key]
+                    "adapters": "adapter changed", "files": "a file named by a parameter changed"}[key]
     if old.get("libraries") != new.get("libraries"):
         ol, nl = old.get("libraries", {}), new.get("libraries", {})
         diff = [f"{k} {ol.get(k)} → {nl.get(k)}" for k in sorted(set(ol) | set(nl)) if ol.get(k) != nl.get(k)]

@@ -183,3 +183,10 @@ def test_pipeline_error_is_reported_before_torch_loads(tree):
             "print('torch' in sys.modules, 'transformers' in sys.modules)" % str(path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False False", r.stdout + r.stderr
+
+
+def test_cross_parameter_rules_are_checked_when_the_file_loads(tree):
+    """publish to: hub without repo_id fails before any stage runs, on the step's line."""
+    with pytest.raises(FuseError) as e:
+        load(write(tree, GOOD.replace("{to: dir, path: out}", "{to: hub}")))
+    assert e.value.finding.code == "F501" and e.value.finding.line == 8 and "repo_id" in e.value.finding.message

@@ -302,3 +302,16 @@ def test_from_and_only_resume_a_part(project):
     assert "0 copied" in r.stderr  # re-publishing an unchanged model copies nothing
     r = fuse("run", "pipeline.yaml", "--from", "merge", cwd=project)
     assert "[validate]" not in r.stderr and "[merge] fresh" in r.stderr
+
+
+def test_editing_the_card_template_reruns_publish(project):
+    """A file a parameter names (the card template) is part of the fingerprint, by content."""
+    (project / "card.md").write_text("## Intended use\n\nSupport answers.\n")
+    write_pipeline(project, text=PIPELINE.replace("path: dist", "path: dist, card: card.md"))
+    fuse("run", "pipeline.yaml", cwd=project)
+    assert "Support answers." in (project / "dist/README.md").read_text()
+    assert "0 ran" in fuse("run", "pipeline.yaml", cwd=project).stderr
+    (project / "card.md").write_text("## Intended use\n\nInternal evaluation only.\n")
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "[merge] fresh" in r.stderr and "[publish] running: a file named by a parameter changed" in r.stderr
+    assert "Internal evaluation only." in (project / "dist/README.md").read_text()
