@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("target", help="a workdir (or a pipeline file)")
     v.set_defaults(func=cmd_verify)
 
+    su = sub.add_parser("summary", help="a run's summary as markdown (--github: job summary + action outputs)")
+    su.add_argument("target", help="a pipeline file or a workdir")
+    su.add_argument("--github", action="store_true", help="append to $GITHUB_STEP_SUMMARY, write $GITHUB_OUTPUT")
+    su.add_argument("--json", action="store_true", help="print the outputs (status, manifest, model-dir, ...)")
+    su.add_argument("--exit-code", type=int, default=None, help="exit status of the run being reported")
+    su.add_argument("--stages-file", default=None, help="what that run did ($FUSE_STAGES_OUTPUT of the run)")
+    _add_set(su)
+    su.set_defaults(func=cmd_summary)
+
     m = sub.add_parser("merge", help="one-shot merge of BASE + ADAPTER into OUT, no pipeline")
     m.add_argument("base")
     m.add_argument("adapter")
@@ -85,9 +94,11 @@ def _add_set(p):
 
 def cmd_run(args) -> int:
     from . import run
+    from .report import stage_log
 
-    summary = run(args.pipeline, overrides=args.overrides, from_stage=args.from_id, only=args.only,
-                  force=args.force, full_verify=args.full_verify)
+    with stage_log() as log:  # under GitHub Actions: secrets masked, one log group per stage
+        summary = run(args.pipeline, overrides=args.overrides, from_stage=args.from_id, only=args.only,
+                      force=args.force, full_verify=args.full_verify, log=log)
     ran = [k for k, v in summary.items() if v == "done"]
     print(f"fuse: {len(summary)} stages, {len(ran)} ran, {len(summary) - len(ran)} fresh and skipped", file=sys.stderr)
     return 0
@@ -180,6 +191,12 @@ def cmd_verify(args) -> int:
         return EXIT_FAILED
     print(f"fuse: every recorded output in {workdir} matches its sha256", file=sys.stderr)
     return 0
+
+
+def cmd_summary(args) -> int:
+    from .report import cli
+
+    return cli(args)
 
 
 def _finding(code, message, file):

@@ -1,0 +1,236 @@
+"""The GitHub Action: action.yml's contract, its shell steps run locally on a tiny model
+(tests/actionsim.py), and the reporting module behind its summary and outputs.
+
+The whole action, setup and install included, runs under act in ``.ci/lint-actions``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from actionsim import ROOT, parse_output_file, run_action
+from factory import make_lora_adapter, make_tiny_model
+from stages import report
+
+WORKFLOW_FILES = sorted([*(ROOT / ".github/workflows").glob("*.yml"), *(ROOT / "examples/workflows").glob("*.yml")])
+ACTION_FILES = [ROOT / "action.yml", *sorted((ROOT / ".ci/act/stubs").glob("*/action.yml"))]
+PINNED = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
+
+PIPELINE = """\
+version: 1
+name: tiny-action
+base: base
+adapter: adapter
+workdir: runs/${name}
+stages:
+  - validate
+  - merge: {dtype: bfloat16}
+  - publish: {to: dir, path: "dist/${name}"}
+"""
+SECRET = "fuse-test-token-a1b2c3d4e5f6"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("action-inputs")
+    make_tiny_model("llama", root / "base", dtype=torch.bfloat16)
+    make_lora_adapter(root / "base", root / "adapter", target_modules=["q_proj", "v_proj"])
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path, inputs):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for name in ("base", "adapter"):
+        (ws / name).symlink_to(inputs / name)
+    (ws / "pipeline.yaml").write_text(PIPELINE)
+    return ws
+
+
+def _steps(doc: dict):
+    if "runs" in doc:
+        yield from doc["runs"].get("steps", [])
+    for job in (doc.get("jobs") or {}).values():
+        yield from job.get("steps", [])
+
+
+def _uses(doc: dict):
+    for step in _steps(doc):
+        if "uses" in step:
+            yield step["uses"]
+    for job in (doc.get("jobs") or {}).values():
+        if "uses" in job:
+            yield job["uses"]
+
+
+# --------------------------------------------------------------------------- contract
+
+
+def test_inputs_and_outputs():
+    spec = yaml.safe_load((ROOT / "action.yml").read_text())
+    assert spec["runs"]["using"] == "composite"
+    assert {"pipeline", "set", "from", "only", "python-version", "extras", "torch"} <= set(spec["inputs"])
+    assert {"manifest", "model-dir", "published", "status"} <= set(spec["outputs"])
+    docs = (ROOT / "docs/action.md").read_text()
+    for name in [*spec["inputs"], *spec["outputs"]]:
+        assert f"`{name}`" in docs, f"docs/action.md does not describe {name}"
+    assert "cpu" in spec["inputs"]["torch"]["description"] and "preinstalled" in spec["inputs"]["torch"]["description"]
+
+
+@pytest.mark.parametrize("path", ACTION_FILES + WORKFLOW_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_expression_is_pasted_into_a_script(path):
+    """Inputs and event data reach the shell through env:, never as text inside run:."""
+    for step in _steps(yaml.safe_load(path.read_text())):
+        assert "${{" not in step.get("run", ""), f"{path.name}: {step.get('name') or step['run'][:60]}"
+
+
+@pytest.mark.parametrize("path", ACTION_FILES + WORKFLOW_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_uses_is_pinned_to_a_full_commit_sha(path):
+    for uses in _uses(yaml.safe_load(path.read_text())):
+        assert uses.startswith("./") or PINNED.match(uses), f"{path.name}: {uses}"
+
+
+def test_every_composite_run_step_names_its_shell():
+    for path in ACTION_FILES:
+        for step in yaml.safe_load(path.read_text())["runs"]["steps"]:
+            assert "uses" in step or step.get("shell") == "bash", f"{path}: {step}"
+
+
+def test_the_act_stubs_stand_in_for_the_pinned_actions():
+    """.ci/lint-actions maps each pinned remote action of the self-test to a stub."""
+    used = set()
+    for path in (ROOT / "action.yml", ROOT / ".github/workflows/action-selftest.yml"):
+        used |= {u.split("@")[0] for u in _uses(yaml.safe_load(path.read_text())) if not u.startswith("./")}
+    stubs = {f"actions/{p.parent.name}" for p in (ROOT / ".ci/act/stubs").glob("*/action.yml")}
+    assert used <= stubs, f"no act stub for {sorted(used - stubs)}"
+
+
+# --------------------------------------------------------------------------- the action's steps
+
+
+def test_run_sets_outputs_writes_the_summary_and_groups_the_log(workspace):
+    r = run_action({"pipeline": "pipeline.yaml"}, cwd=workspace, env={"FUSE_TEST_TOKEN": SECRET})
+    assert not r.failed, r.log
+    out = r.outputs
+    assert out["status"] == "success"
+    assert Path(out["manifest"]) == workspace / "runs/tiny-action/manifest.json"
+    assert Path(out["model-dir"]) == workspace / "runs/tiny-action/merge"
+    assert (Path(out["model-dir"]) / "config.json").is_file()
+    assert json.loads(out["published"]) == [(workspace / "dist/tiny-action").as_uri()]
+    assert "| `merge` | ✅ ran |" in r.summary and "3 stages: 3 ran, 0 fresh and skipped." in r.summary
+    for sid in ("validate", "merge", "publish"):
+        assert f"::group::[{sid}] running" in r.log
+    assert r.log.count("::group::") == r.log.count("::endgroup::") == 3
+    # the secret is masked before anything runs, and printed nowhere else
+    assert r.log.index(f"::add-mask::{SECRET}") < r.log.index("::group::")
+    assert r.log.count(SECRET) == 1
+
+    again = run_action({"pipeline": "pipeline.yaml"}, cwd=workspace)
+    assert again.outputs["status"] == "success"
+    assert "3 stages: 0 ran, 3 fresh and skipped." in again.summary
+    assert "::group::" not in again.log
+    assert again.outputs["published"] == out["published"]
+
+
+def test_a_broken_pipeline_file_is_annotated_on_its_line(workspace):
+    text = PIPELINE.replace("{dtype: bfloat16}", "{dtyp: bfloat16}")
+    (workspace / "pipeline.yaml").write_text(text)
+    line = text.splitlines().index("  - merge: {dtyp: bfloat16}") + 1
+    r = run_action({"pipeline": "pipeline.yaml"}, cwd=workspace)
+    assert r.steps["run"]["outcome"] == "failure" and r.steps["run"]["outputs"]["exit-code"] == "2"
+    assert re.search(rf"^::error file=pipeline\.yaml,line={line},title=F102 [^:]*::unknown key 'dtyp'", r.log, re.M), r.log
+    assert r.outputs["status"] == "invalid"
+    assert r.outputs["manifest"] == "" and json.loads(r.outputs["published"]) == []
+    assert "**Pipeline error**" in r.summary and f"pipeline.yaml:{line}" in r.summary
+
+
+def test_set_from_and_only_reach_the_cli(workspace):
+    r = run_action({"pipeline": "pipeline.yaml", "only": "merge",
+                    "set": "  merge.dtype=float16\n# a comment\n\nmerge.max_shard_size=1MB\n"}, cwd=workspace)
+    assert r.outputs["status"] == "success", r.log
+    m = json.loads(Path(r.outputs["manifest"]).read_text())
+    assert set(m["stages"]) == {"merge"}
+    assert m["stages"]["merge"]["params"]["dtype"] == "float16"
+    assert m["stages"]["merge"]["params"]["max_shard_size"] == "1MB"
+    assert "| `validate` | ➖ not run |" in r.summary
+
+    r = run_action({"pipeline": "pipeline.yaml", "from": "publish", "set": "merge.dtype=float16"}, cwd=workspace)
+    assert r.outputs["status"] == "success", r.log
+    assert "[merge]" not in r.steps["run"]["log"] and "[publish] running" in r.steps["run"]["log"]
+
+
+def test_a_failed_stage_is_reported_with_its_error(workspace):
+    (workspace / "dist/tiny-action").mkdir(parents=True)
+    (workspace / "dist/tiny-action/someone-elses.txt").write_text("keep me")
+    r = run_action({"pipeline": "pipeline.yaml"}, cwd=workspace)
+    assert r.outputs["status"] == "failed"
+    assert r.steps["run"]["outputs"]["exit-code"] == "1"
+    assert re.search(r"\| `publish` \| ❌ failed \| .*\*\*F501 ", r.summary), r.summary
+    assert r.outputs["model-dir"].endswith("/merge")  # the merge is done and usable
+    assert json.loads(r.outputs["published"]) == []
+
+
+# --------------------------------------------------------------------------- reporting pieces
+
+
+def test_outputs_use_a_fresh_delimiter_and_read_back(tmp_path):
+    values = {"status": "success", "published": json.dumps(["https://x/y"]), "odd": "a=b\nEOF\nc"}
+    f = tmp_path / "out"
+    f.write_text(report.github_outputs(values))
+    assert parse_output_file(f) == values
+    delims = re.findall(r"<<(\S+)", f.read_text())
+    assert len(set(delims)) == 3 and all(len(d) > 30 for d in delims)
+
+
+def test_stage_groups_close_before_an_error_and_record_what_ran():
+    buf = io.StringIO()
+    g = report.StageGroups(buf)
+    g("[validate] fresh, skipped (fingerprint and outputs match)")
+    g("[merge] running: never ran")
+    g("  merge: 50%")
+    g("::set-output name=x::injected")  # a line of the run must not become a command
+    g.close()  # the stage raised
+    text = buf.getvalue().splitlines()
+    assert text == ["[validate] fresh, skipped (fingerprint and outputs match)", "::group::[merge] running: never ran",
+                    "  merge: 50%", " ::set-output name=x::injected", "::endgroup::"]
+    assert g.ran == ["merge"] and g.skipped == ["validate"]
+
+
+def test_mask_secrets_masks_each_line_of_a_multiline_secret(monkeypatch):
+    monkeypatch.setenv("SOME_API_KEY", "line-one-secret\nline-two-secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh")
+    monkeypatch.setenv("HARMLESS", "not-a-secret")
+    buf = io.StringIO()
+    report.mask_secrets(buf)
+    lines = set(buf.getvalue().splitlines())
+    assert {"::add-mask::line-one-secret", "::add-mask::line-two-secret", "::add-mask::hf_abcdefgh"} <= lines
+    assert "::add-mask::not-a-secret" not in lines
+
+
+def test_summary_cells_are_escaped_and_the_summary_stays_under_the_limit():
+    row = report.StageRow(id="merge", stage="merge", state="failed", seconds=3.0, error="F999 a|b\nnext line")
+    r = report.Report(name="n", status="failed", pipeline="p.yaml", workdir=None, manifest=None, rows=[row] * 5000)
+    md = report.markdown(r)
+    assert "a\\|b next line" in md
+    assert len(md.encode()) < 1024 * 1024
+
+
+def test_key_numbers_prefer_what_a_reader_looks_for():
+    nums = report.key_numbers({"seconds": 3.2, "tensors_copied": 10, "files_unchanged": 0, "bytes_written": 272585537,
+                               "tensors_merged": 60, "max_abs_diff": 0.0123})
+    assert nums == ["tensors merged 60", "max logit diff 0.0123", "written 272.6 MB"]
+
+
+def test_published_urls_prefer_the_pinned_commit():
+    assert report._published_url({"metrics": {"url": "https://h/r", "commit_url": "https://h/r/commit/ab"}}) \
+        == "https://h/r/commit/ab"
+    assert report._published_url({"external": {"root": "/srv/models/x"}}) == "file:///srv/models/x"
+    assert report._published_url({}) is None
