@@ -24,7 +24,7 @@ import yaml
 from .findings import FuseError
 
 REQUIRED = object()
-STAGE_MODULES = ("validate", "merge", "publish")  # stage name == module name in this package
+STAGE_MODULES = ("validate", "merge", "check", "publish")  # stage name == module name in this package
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
 
