@@ -445,6 +445,11 @@ def _check_type(value, spec: Param, path, located):
     ok = isinstance(value, want)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    if want is float and isinstance(value, str):  # YAML 1.1 reads a bare 1e-12 as a string
+        try:
+            value, ok = float(value), True
+        except ValueError:
+            pass
     if want is int and isinstance(value, bool):
         ok = False
     if value is None and spec.default is None:

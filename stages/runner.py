@@ -144,10 +144,15 @@ class Runner:
         """
         if self._input_digests is None:
             adapters = []
-            for a in self.p.adapters:
-                digest, _ = self.cache.tree(a.path)
-                adapters.append({"digest": digest, "weight": a.weight})
-            base = {k: v for k, v in self.base().describe().items() if k != "name"}
+            try:
+                for a in self.p.adapters:
+                    digest, _ = self.cache.tree(a.path)
+                    adapters.append({"digest": digest, "weight": a.weight})
+                base = {k: v for k, v in self.base().describe().items() if k != "name"}
+            except OSError as e:  # a dangling link, a link loop, an unreadable file
+                raise FuseError("F205", f"cannot read input file {e.filename}: {e.strerror}", file=e.filename,
+                                fix="fix or remove that file (a broken symlink?) in the base or adapter directory"
+                                ) from None
             self._input_digests = {"base": base, "adapters": adapters}
         return self._input_digests
 

@@ -190,3 +190,9 @@ def test_cross_parameter_rules_are_checked_when_the_file_loads(tree):
     with pytest.raises(FuseError) as e:
         load(write(tree, GOOD.replace("{to: dir, path: out}", "{to: hub}")))
     assert e.value.finding.code == "F501" and e.value.finding.line == 8 and "repo_id" in e.value.finding.message
+
+
+def test_float_parameters_accept_yaml_exponent_strings(tree):
+    p = load(write(tree, GOOD.replace("  - merge: {dtype: bfloat16}\n",
+                                      "  - merge: {dtype: bfloat16}\n  - check: {max_kl: 1e-12}\n")))
+    assert p.stage("check").params["max_kl"] == 1e-12

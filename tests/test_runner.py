@@ -315,3 +315,15 @@ def test_editing_the_card_template_reruns_publish(project):
     r = fuse("run", "pipeline.yaml", cwd=project)
     assert "[merge] fresh" in r.stderr and "[publish] running: a file named by a parameter changed" in r.stderr
     assert "Internal evaluation only." in (project / "dist/README.md").read_text()
+
+
+def test_a_dangling_link_in_the_base_is_a_finding_not_a_traceback(project, tmp_path):
+    base = tmp_path / "linked-base"
+    base.mkdir()
+    for f in (project / "base").resolve().iterdir():
+        (base / f.name).symlink_to(f)
+    (base / "extra.json").symlink_to(tmp_path / "gone.json")  # points nowhere
+    write_pipeline(project, text=PIPELINE.replace("base: base", f"base: {base}"))
+    r = fuse("run", "pipeline.yaml", cwd=project, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "F205" in r.stderr and "extra.json" in r.stderr, r.stderr

@@ -171,7 +171,17 @@ def gguf_to_hf(gguf_path, out_dir, *, dtype="auto") -> None:
     finally:
         if bars:
             transformers.logging.enable_progress_bar()
+    _write_card(out_dir, gguf_path, meta)
     _respect_umask(out_dir)
+
+
+def _write_card(out_dir: Path, gguf_path: Path, meta: dict) -> None:
+    """A minimal README.md carrying the GGUF's licence, so model cards made from it keep it."""
+    lines = ["---"]
+    if isinstance(meta.get("general.license"), str):
+        lines.append(f"license: {meta['general.license']}")
+    lines += ["---", "", f"Converted from `{gguf_path.name}` (dequantized to safetensors) by Fuse.", ""]
+    (out_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def _respect_umask(out_dir: Path) -> None:
