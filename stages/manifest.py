@@ -146,7 +146,8 @@ class StatCache:
 # --------------------------------------------------------------------------- atomic writes
 
 
-def fsync_dir(path: Path):
+def fsync_path(path: Path):
+    """fsync a file or a directory (a directory's fsync makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -167,7 +168,7 @@ def atomic_write(path: Path, data: bytes):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 # --------------------------------------------------------------------------- the manifest

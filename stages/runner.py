@@ -277,8 +277,8 @@ class Runner:
             metrics = mod.run(ctx) or {}
             files = [mf.file_record(tmp, rel, ctx.hashes.get(rel)) for rel in mf.list_files(tmp)]
             for rel in mf.list_files(tmp):
-                _fsync_file(tmp / rel)
-            mf.fsync_dir(tmp)
+                mf.fsync_path(tmp / rel)
+            mf.fsync_path(tmp)
             self._swap_into_place(tmp, self.workdir / s.id)
         except BaseException as e:  # record the failure, leave nothing half-written
             shutil.rmtree(tmp, ignore_errors=True)
@@ -310,7 +310,7 @@ class Runner:
             trash = self.workdir / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, trash)
         os.replace(tmp, final)
-        mf.fsync_dir(self.workdir)
+        mf.fsync_path(self.workdir)
         if trash:
             shutil.rmtree(trash, ignore_errors=True)
 
@@ -402,14 +402,6 @@ def _as_kwargs(f: Finding) -> dict:
 def _stat(p: Path) -> dict:
     st = os.stat(p)
     return {"mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-
-
-def _fsync_file(p: Path):
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _gb(n: int) -> str:

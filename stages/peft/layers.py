@@ -155,3 +155,13 @@ def apply_layer(build, W, update, t, adapter):
     if update.weight != 1.0:
         delta = delta * update.weight
     return W.add_(delta)
+
+
+def lycoris_layer(layer_module, W, update, t, adapter):
+    """LoHa and LoKr build their peft layer the same way, each from its own layer module."""
+    config = peft_config(adapter)
+    config.use_effective_conv2d = update.extra["cp"]
+    cls = {"linear": layer_module.Linear, "conv1d": layer_module.Conv1d,
+           "conv2d": layer_module.Conv2d}[update.extra["layout"]]
+    return peft_layer(cls, W, update.extra["layout"], update, t, config=config, r=update.extra["r"],
+                      alpha=update.extra["alpha"])

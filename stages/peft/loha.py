@@ -53,13 +53,9 @@ def make_update(index, adapter, module, param, roles, target, ctx=None):
 def build_layer(W, update, t, adapter):
     from peft.tuners.loha import layer as L
 
-    from stages.peft.layers import peft_config, peft_layer
+    from stages.peft.layers import lycoris_layer
 
-    config = peft_config(adapter)
-    config.use_effective_conv2d = update.extra["cp"]
-    cls = {"linear": L.Linear, "conv1d": L.Conv1d, "conv2d": L.Conv2d}[update.extra["layout"]]
-    return peft_layer(cls, W, update.extra["layout"], update, t, config=config, r=update.extra["r"],
-                      alpha=update.extra["alpha"])
+    return lycoris_layer(L, W, update, t, adapter)
 
 
 def apply(W, W0, update, t, adapter=None):
