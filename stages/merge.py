@@ -28,10 +28,12 @@ PARAMS = {
                                  "saw in training; needs bitsandbytes)"),
     "nf4_double_quant": Param(bool, False, help="base_precision nf4: the base was loaded with "
                                                 "bnb_4bit_use_double_quant"),
+    "memory_budget": Param(str, "600MB", help="whole-process peak memory (RSS, Python and torch included) the merge "
+                                              "stays under, whatever the model's size, e.g. 600MB or 2GB"),
 }
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, key: str = "merge.max_shard_size") -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
     from .findings import FuseError
 
@@ -42,7 +44,7 @@ def parse_size(text: str) -> int:
             return int(float(t[: -len(unit)]) * units[unit])
     if t.isdigit():
         return int(t)
-    raise FuseError("F103", f"cannot read size '{text}'", key="merge.max_shard_size", fix="write e.g. 5GB or 500MB")
+    raise FuseError("F103", f"cannot read size '{text}'", key=key, fix="write e.g. 5GB or 500MB")
 
 
 def estimate_bytes(ctx) -> int:
@@ -66,6 +68,7 @@ def run(ctx) -> dict:
                              on_bytes=progress.advance, log=ctx.log, method=ctx.params["method"],
                              density=ctx.params["density"], seed=ctx.params["seed"],
                              base_precision=ctx.params["base_precision"],
-                             nf4_double_quant=ctx.params["nf4_double_quant"])
+                             nf4_double_quant=ctx.params["nf4_double_quant"],
+                             memory_budget=parse_size(ctx.params["memory_budget"], key="merge.memory_budget"))
     ctx.hashes.update(report.hashes)
     return report.metrics

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,27 +136,74 @@ def read_header(path) -> tuple[list[TensorInfo], dict]:
     return tensors, metadata
 
 
+def read_into(fd: int, offset: int, view: memoryview, info: TensorInfo | None = None) -> None:
+    """Fill ``view`` with the bytes of the open file ``fd`` from ``offset`` (``os.preadv``, no mmap: a
+    merge must not map whole shards); F206 when the file ends first."""
+    done, size = 0, len(view)
+    while done < size:  # preadv returns at most ~2 GiB per call on Linux
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            where = f" while reading tensor {info.name!r}" if info else ""
+            raise FuseError("F206", f"{(info.path.name if info else 'a file')} ended{where} (the file shrank or is "
+                            "truncated)", file=info.path if info else None, key=info.name if info else None)
+        done += n
+
+
 def load_tensor(info: TensorInfo):
-    """Read one tensor with ``os.pread`` (no mmap: a merge must not map whole shards)."""
+    """Read one tensor with ``os.preadv`` (no mmap: a merge must not map whole shards)."""
+    return load_rows(info, 0, info.shape[0] if info.shape else 1)
+
+
+def load_rows(info: TensorInfo, start: int, stop: int):
+    """Rows ``[start, stop)`` (along the first dimension) of one tensor, read with ``os.preadv``."""
     import torch
 
     dtype = torch_dtype(info.dtype)
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=dtype)
-    buf = bytearray(info.nbytes)
-    view = memoryview(buf)
+    shape = (stop - start,) + tuple(info.shape[1:]) if info.shape else ()
+    row = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype] if info.shape else info.nbytes
+    nbytes = row * (stop - start)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    buf = bytearray(nbytes)
     fd = os.open(info.path, os.O_RDONLY)
     try:
-        done = 0
-        while done < info.nbytes:  # pread returns at most ~2 GiB per call on Linux
-            n = os.preadv(fd, [view[done:]], info.start + done)
-            if n == 0:
-                raise FuseError("F206", f"{info.path.name} ended while reading tensor {info.name!r} "
-                                f"(the file shrank or is truncated)", file=info.path, key=info.name)
-            done += n
+        read_into(fd, info.start + start * row, memoryview(buf), info)
     finally:
         os.close(fd)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+class FileReader:
+    """Keeps the files it reads open: ranged reads of many tensors, one ``open`` per file.
+
+    Example::
+
+        with FileReader() as files:
+            files.read(info, 0, memoryview(buf)[: info.nbytes])   # the first bytes of a tensor
+    """
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+
+    def read(self, info: TensorInfo, offset: int, view: memoryview) -> None:
+        """Bytes ``[offset, offset + len(view))`` of tensor ``info``'s data into ``view``."""
+        if offset < 0 or offset + len(view) > info.nbytes:
+            raise ValueError(f"{info.name}: bytes [{offset}, {offset + len(view)}) outside its {info.nbytes}")
+        fd = self._fds.get(info.path)
+        if fd is None:
+            fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
+        read_into(fd, info.start + offset, view, info)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 @dataclass
@@ -267,12 +315,17 @@ class ShardedWriter:
     """Write a safetensors model tensor by tensor, hashing every byte as it is written.
 
     Hand-written because ``safetensors.torch.save_file`` needs the whole state dict in
-    memory. The shards are planned up front from ``layout`` (name, torch dtype, shape):
-    tensors fill ``model-0000k-of-0000N.safetensors`` in layout order until the next one
-    would pass ``max_shard_bytes`` (a single larger tensor gets a shard of its own);
-    one shard is named ``model.safetensors``. Within a shard tensors are ordered by
-    element size, largest first, as the safetensors library does, so every tensor stays
-    aligned. Call :meth:`write` in :attr:`order`, then :meth:`close`.
+    memory. The shards are planned up front from ``layout`` (name, dtype, shape; the dtype a
+    torch dtype or a safetensors string such as ``"BF16"``): tensors fill
+    ``model-0000k-of-0000N.safetensors`` in layout order until the next one would pass
+    ``max_shard_bytes`` (a single larger tensor gets a shard of its own); one shard is named
+    ``model.safetensors``. Within a shard tensors are ordered by element size, largest first,
+    as the safetensors library does, so every tensor stays aligned. Call :meth:`write` in
+    :attr:`order` (a tensor whole, or its bytes in pieces), then :meth:`close`.
+
+    While it writes, the kernel is asked to start writing each finished piece back to disk
+    (Linux ``sync_file_range``), so that the ``fsync`` that ends each shard has little left to
+    wait for and the written pages do not pile up as dirty memory.
 
     Example::
 
@@ -282,12 +335,18 @@ class ShardedWriter:
         hashes = w.close()   # {"model.safetensors": "<sha256>"}
     """
 
+    WRITEBACK_BYTES = 32 << 20  # start writeback every this many bytes
+
     def __init__(self, out_dir, layout, max_shard_bytes=5_000_000_000):
         self.out_dir = Path(out_dir)
-        self._entries = {name: (st_dtype(dtype), tuple(shape)) for name, dtype, shape in layout}
+        self._entries = {name: (dtype if isinstance(dtype, str) else st_dtype(dtype), tuple(shape))
+                         for name, dtype, shape in layout}
         if len(self._entries) != len(layout):
             raise ValueError("layout names a tensor twice")
+        if unknown := [d for d, _ in self._entries.values() if d not in ITEMSIZE]:
+            raise ValueError(f"unknown safetensors dtype {unknown[0]}")
         nbytes = {n: math.prod(s) * ITEMSIZE[d] for n, (d, s) in self._entries.items()}
+        self._nbytes = nbytes
         self.total_size = sum(nbytes.values())
 
         groups, size = [[]], 0
@@ -310,25 +369,46 @@ class ShardedWriter:
         self.bytes_written = 0
         self.files_created: list[Path] = []
         self._next = 0
+        self._filled = 0    # bytes of the current tensor written so far
         self._file = None
         self._sha = None
+        self._offset = 0    # bytes written to the current file
+        self._synced = 0    # bytes of it whose writeback was started
 
-    def write(self, name: str, tensor) -> None:
-        """Append ``tensor`` (it must be the next name in :attr:`order`, with its planned dtype and shape)."""
-        import torch
+    def nbytes(self, name: str) -> int:
+        """Bytes of tensor ``name`` in the output."""
+        return self._nbytes[name]
 
+    def write(self, name: str, data) -> None:
+        """Append ``data`` to tensor ``name``, which must be the next in :attr:`order`: a tensor (the
+        whole tensor, with its planned dtype and shape) or a bytes-like object (the next piece of the
+        tensor's raw little-endian bytes; the tensor is complete when all its bytes are given)."""
         if self._next >= len(self.order) or name != self.order[self._next]:
             expected = self.order[self._next] if self._next < len(self.order) else "nothing (all written)"
             raise ValueError(f"ShardedWriter expected {expected}, got {name}")
         dtype, shape = self._entries[name]
-        if tensor.dtype != torch_dtype(dtype) or tuple(tensor.shape) != shape:
-            raise ValueError(f"{name}: planned {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        if hasattr(data, "dtype") and hasattr(data, "detach"):  # a torch tensor: the whole tensor
+            import torch
+
+            if self._filled:
+                raise ValueError(f"{name}: a whole tensor after {self._filled} of its bytes")
+            if data.dtype != torch_dtype(dtype) or tuple(data.shape) != shape:
+                raise ValueError(f"{name}: planned {dtype} {list(shape)}, got {data.dtype} {list(data.shape)}")
+            data = memoryview(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            data = memoryview(data).cast("B")
+        if self._filled + len(data) > self._nbytes[name]:
+            raise ValueError(f"{name}: {self._filled + len(data)} bytes given, it has {self._nbytes[name]}")
         fname, names = self.shards[self._shard_at[self._next]]
         if self._file is None:
             self._open(fname, names)
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
+        if len(data):
+            self._emit(data)
+        self._filled += len(data)
+        if self._filled < self._nbytes[name]:
+            return
         self._next += 1
+        self._filled = 0
         if self._next == len(self.order) or self._shard_at[self._next] != self._shard_at[self._next - 1]:
             self._finish(fname)
 
@@ -358,18 +438,25 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
         path = self.out_dir / fname
-        self._file = open(path, "xb")  # never overwrite a file that is already there
+        self._file = open(path, "xb", buffering=0)  # never overwrite a file that is already there
         self.files_created.append(path)
         self._sha = hashlib.sha256()
+        self._offset = self._synced = 0
         self._emit(struct.pack("<Q", len(raw)) + raw)
 
     def _emit(self, data) -> None:
-        self._file.write(data)
+        view = memoryview(data)
+        while view:  # an unbuffered write may be short
+            n = self._file.write(view)
+            view = view[n:]
         self._sha.update(data)
         self.bytes_written += len(data)
+        self._offset += len(data)
+        if self._offset - self._synced >= self.WRITEBACK_BYTES:
+            start_writeback(self._file.fileno(), self._synced, self._offset - self._synced)
+            self._synced = self._offset
 
     def _finish(self, fname: str) -> None:
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
@@ -382,6 +469,27 @@ class ShardedWriter:
             self._file = None
         for path in self.files_created:
             path.unlink(missing_ok=True)
+
+
+_SYNC_FILE_RANGE = []  # [libc function or None], looked up once
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` of ``fd`` to disk without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); a no-op where that does not exist."""
+    if not _SYNC_FILE_RANGE:
+        func = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                func = ctypes.CDLL(None, use_errno=True).sync_file_range
+                func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            except (OSError, AttributeError):
+                func = None
+        _SYNC_FILE_RANGE.append(func)
+    if _SYNC_FILE_RANGE[0] is not None:
+        _SYNC_FILE_RANGE[0](fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the head start
 
 
 def write_file(path: Path, data: bytes) -> str:
