@@ -52,10 +52,15 @@ def verify(workdir) -> list[str]:
     return problems
 
 
-def merge(base, adapter, output, *, dtype="auto", max_shard_size="5GB", weight=1.0, log=None) -> dict:
-    """Merge one adapter into a base, without a pipeline or manifest. ``output`` must not exist.
+def merge(base, adapter, output, *, dtype="auto", max_shard_size="5GB", weight=1.0, log=None, **options) -> dict:
+    """Merge an adapter into a base, without a pipeline or manifest. ``output`` must not exist.
 
-    The output appears only when complete (written to a temp sibling, then renamed).
+    ``adapter`` is a directory, or a list of ``(directory, weight)`` to combine several;
+    ``options`` are the merge stage's other parameters (``method``, ``density``, ``seed``,
+    ``base_precision``, ...). The output appears only when complete (written to a temp
+    sibling, then renamed). Returns the merge metrics.
+
+    >>> stages.merge("models/base", "outputs/lora", "merged/", dtype="bfloat16")  # doctest: +SKIP
     """
     import shutil
     import uuid
@@ -74,9 +79,14 @@ def merge(base, adapter, output, *, dtype="auto", max_shard_size="5GB", weight=1
     tmp = output.with_name(f".tmp-{output.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        ref = resolve_base(str(base), tmp.parent / f".bases-{output.name}", StatCache(None), log=log)
-        report = merge_model(ref.dir, [(Path(adapter), float(weight))], tmp, dtype=dtype,
-                             max_shard_bytes=parse_size(max_shard_size), log=log)
+        if Path(base).is_dir():  # a local model: no digest needed, there is no manifest to record it in
+            base_dir = Path(base)
+        else:  # a .gguf file or a hub id
+            base_dir = resolve_base(str(base), tmp.parent / f".bases-{output.name}", StatCache(None), log=log).dir
+        adapters = [(Path(p), float(w)) for p, w in adapter] if isinstance(adapter, (list, tuple)) \
+            else [(Path(adapter), float(weight))]
+        report = merge_model(base_dir, adapters, tmp, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
+                             log=log, **options)
         tmp.rename(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

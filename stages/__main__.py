@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("out")
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     m.add_argument("--max-shard-size", default="5GB")
+    m.add_argument("--memory-budget", default="600MB", help="whole-process peak memory the merge aims for")
     m.set_defaults(func=cmd_merge)
     return p
 
@@ -208,7 +209,8 @@ def _finding(code, message, file):
 def cmd_merge(args) -> int:
     from . import merge
 
-    metrics = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    metrics = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                    memory_budget=args.memory_budget)
     print(json.dumps(metrics, indent=2), file=sys.stderr)
     return 0
 
