@@ -10,7 +10,7 @@ depend on the 14.5 GB.
     python bench/preflight_sparse.py [--dir /tmp/fuse-sparse] [--rank 16] [--runs 5]
 
 prints, for each run, the wall time of a fresh ``python -c`` process that imports Fuse and
-runs :func:`stages.validate.preflight` (process start and imports included), and the
+runs :func:`stages.steps.validate.preflight` (process start and imports included), and the
 time ``preflight`` itself reports. The builder is imported by tests/test_validate.py.
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ def make_lora(out_dir, *, hidden=4096, layers=32, heads=32, kv_heads=8, rank=16,
 TIMED = """
 import sys, time
 t = time.perf_counter()
-from stages.validate import preflight
+from stages.steps.validate import preflight
 r = preflight(sys.argv[1], [(sys.argv[2], 1.0)], room=(sys.argv[3], int(sys.argv[4])))
 print(f"{time.perf_counter() - t:.3f} {r['seconds']:.3f} {r['plan']['tensors_updated']} {len(r['warnings'])}")
 """

@@ -67,7 +67,7 @@ def merge(base, adapter, output, *, dtype="auto", max_shard_size="5GB", weight=1
     from pathlib import Path
 
     from .manifest import StatCache
-    from .merge import parse_size
+    from .steps.merge import parse_size
     from .peft.merge import merge_model
     from .sources import resolve_base
 

@@ -60,6 +60,15 @@ CODES = {
     "F506": "published file does not verify on the target",
     "F507": "model card template invalid",
     "F508": "publish target settings differ from the pipeline",
+    # quantize and export
+    "F601": "quantization would take too long or need too much memory here",
+    "F602": "quantizer or exporter missing or failed",
+    "F603": "calibration data invalid",
+    "F604": "quantized model fails its quality gate",
+    "F605": "adapter update smaller than the quantization step",
+    "F606": "ONNX export failed",
+    "F607": "exported ONNX model fails its quality gate",
+    "F608": "model cannot be quantized with these parameters",
 }
 
 

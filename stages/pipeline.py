@@ -24,7 +24,7 @@ import yaml
 from .findings import FuseError
 
 REQUIRED = object()
-STAGE_MODULES = ("validate", "merge", "check", "publish")  # stage name == module name in this package
+STAGE_MODULES = ("validate", "merge", "check", "quantize", "export", "publish")  # stage name == module name in stages.steps
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
 
@@ -96,7 +96,7 @@ class Pipeline:
 
 
 def stage_module(name: str):
-    return importlib.import_module(f"stages.{name}")
+    return importlib.import_module(f"stages.steps.{name}")
 
 
 def known_stages() -> tuple[str, ...]:

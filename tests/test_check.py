@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import stages
 from stages import metrics as M
-from stages.check import check_merge, half_ulp
+from stages.steps.check import check_merge, half_ulp
 from stages.findings import FuseError
 from stages.peft import merge as engine
 from stages.peft.merge import merge_model

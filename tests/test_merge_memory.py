@@ -214,7 +214,7 @@ def test_memory_budget_values():
     for bad in ("lots", -5, 0, True):
         with pytest.raises(FuseError, match="F103"):
             engine.memory_budget_bytes(bad)
-    from stages.merge import PARAMS
+    from stages.steps.merge import PARAMS
 
     assert PARAMS["memory_budget"].default == "600MB"
 

@@ -1,6 +1,6 @@
 """The pre-flight (``validate``): what passes, what warns, what it refuses, what it never reads.
 
-Most tests call :func:`stages.validate.preflight` directly; a few run the pipeline to see the
+Most tests call :func:`stages.steps.validate.preflight` directly; a few run the pipeline to see the
 findings land in the manifest. The catalogue of refused inputs is tests/test_bad_inputs.py.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import stages
 from stages.findings import FuseError
-from stages.validate import preflight
+from stages.steps.validate import preflight
 
 from factory import make_lora_adapter, make_tiny_model
 
@@ -79,7 +79,7 @@ def test_good_inputs_pass_with_a_report_and_no_warnings(good, tmp_path):
 
 
 def test_preflight_imports_no_torch(good):
-    code = ("import sys; from stages.validate import preflight; "
+    code = ("import sys; from stages.steps.validate import preflight; "
             f"r = preflight({str(good / 'base')!r}, [({str(good / 'adapter')!r}, 1.0)]); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(r['plan']['tensors_updated'])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

@@ -22,14 +22,14 @@ import json
 from hashlib import sha256
 from pathlib import Path
 
-from . import card
-from .findings import FuseError
-from .manifest import file_record, tool_version
-from .pipeline import Param, upstream_of
+from .. import card
+from ..findings import FuseError
+from ..manifest import file_record, tool_version
+from ..pipeline import Param, upstream_of
 
 NAME = "publish"
 VERSION = 2
-INPUT = ("hf-model",)
+INPUT = ("hf-model", "quantized-model", "onnx-model")
 OUTPUT = None
 LIBS = ()
 TARGETS = ("dir", "hub", "s3")
@@ -173,7 +173,7 @@ def run(ctx) -> dict:
         (ctx.output_dir / name).write_bytes(data)
         ctx.hashes[name] = sha256(data).hexdigest()
 
-    from .publishers.base import LocalFile, sync
+    from ..publishers.base import LocalFile, sync
 
     # model files first, the card and provenance next, SHA256SUMS last: where files land one
     # by one (dir, s3), a complete SHA256SUMS means a complete publish
@@ -189,7 +189,7 @@ def run(ctx) -> dict:
 
 
 def _publisher(ctx, to: str, prov: dict):
-    from .publishers import publisher_class
+    from ..publishers import publisher_class
 
     params = dict(ctx.params)
     kw = dict(log=ctx.log, warn=ctx.warn, stage_id=ctx.stage.id, file=ctx.pipeline.path, line=ctx.stage.line)

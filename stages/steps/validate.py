@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .pipeline import Param
+from ..pipeline import Param
 
 NAME = "validate"
 VERSION = 2
@@ -58,7 +58,7 @@ MERGEABLE_QUANTIZATION = ("bitsandbytes",)  # merge dequantizes these checkpoint
 
 
 def run(ctx) -> dict:
-    from .findings import FuseError
+    from ..findings import FuseError
 
     merge = next((s for s in ctx.pipeline.stages if s.name == "merge"), None)
     report = preflight(ctx.base.dir, ctx.adapters, base_name=ctx.base.name, base_revision=ctx.base.revision,
@@ -114,13 +114,13 @@ def preflight(base_dir, adapters, *, base_name: str | None = None, base_revision
         report = preflight("models/llama", [("outputs/lora", 1.0)], room=("runs/x", 15e9))
         report["plan"]["tensors_updated"]
     """
-    from .findings import FuseError
-    from .io import checks
-    from .io.safetensors import ModelWeights
-    from .peft.adapter import load_adapter
-    from .peft.combine import check_method
-    from .peft.plan import plan_merge
-    from .peft.quantized import open_base
+    from ..findings import FuseError
+    from ..io import checks
+    from ..io.safetensors import ModelWeights
+    from ..peft.adapter import load_adapter
+    from ..peft.combine import check_method
+    from ..peft.plan import plan_merge
+    from ..peft.quantized import open_base
 
     started = time.perf_counter()
     base_dir = Path(base_dir)
@@ -198,8 +198,8 @@ def preflight(base_dir, adapters, *, base_name: str | None = None, base_revision
 
 def _load_adapter(path: Path, weight: float, allow_pickle: bool, load_adapter, checks):
     """The adapter with its file checked first: header bounds, and the pickle policy."""
-    from .findings import FuseError
-    from .peft.adapter import PICKLE_NAME, WEIGHTS_NAME
+    from ..findings import FuseError
+    from ..peft.adapter import PICKLE_NAME, WEIGHTS_NAME
 
     st = path / WEIGHTS_NAME
     if st.is_file():
@@ -228,8 +228,8 @@ def _carried_pickles(base_dir: Path) -> list[dict]:
     """Pickle files of the base that merge would copy into the output as side files."""
     import fnmatch
 
-    from .io import checks
-    from .peft.merge import WEIGHT_PATTERNS
+    from ..io import checks
+    from ..peft.merge import WEIGHT_PATTERNS
 
     out = []
     for p in checks.pickle_files(base_dir):
@@ -320,7 +320,7 @@ def compare_base(adapter, base, base_name: str, base_revision: str | None, allow
     other name (a mirror, a ``-bnb-4bit`` variant, a local copy), or a name whose config
     cannot be read offline: a warning that says so. Returns what was compared, and the warnings.
     """
-    from .findings import FuseError
+    from ..findings import FuseError
 
     name = adapter.config.get("base_model_name_or_path")
     cfg_file = adapter.path / "adapter_config.json"
@@ -375,7 +375,7 @@ def _is_sha(value) -> bool:
 def check_quantization(base_dir: Path) -> None:
     """F215 for a base quantized by a method whose weights cannot be merged into (GPTQ, AWQ, FP8,
     ...). bitsandbytes checkpoints pass: merge dequantizes them (``stages.peft.quantized``)."""
-    from .findings import FuseError
+    from ..findings import FuseError
 
     config = _json_or_none(base_dir / "config.json") or {}
     quant = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
@@ -395,7 +395,7 @@ def check_quantization(base_dir: Path) -> None:
 
 def embedding_rows(base) -> int | None:
     """Rows of the base's input embedding (its vocabulary as stored), from the header."""
-    from .peft.plan import EMBEDDINGS, HEAD
+    from ..peft.plan import EMBEDDINGS, HEAD
 
     for name in (*EMBEDDINGS, HEAD):
         if name in base:
@@ -407,7 +407,7 @@ def _vocab_dim(key: str, shape: tuple, family) -> tuple[str, int] | None:
     """``(how, vocabulary size)`` an adapter tensor implies, if it belongs to an embedding or head:
     ``how`` is "whole" for a table saved whole (it may resize the vocabulary), "lora" for a
     low-rank factor (it must fit the table)."""
-    from .peft.plan import split_key
+    from ..peft.plan import split_key
 
     module, _, role = split_key(key, family.SUFFIXES)
     if role == "replace":
@@ -428,8 +428,8 @@ def check_vocabulary(adapters, base) -> None:
     """F213 when an adapter's vocabulary does not fit the base: a table saved whole with fewer rows
     than the base's (a vocabulary may only grow), or a LoRA factor sized for another vocabulary
     than the table it updates (the base's, or the one a table saved whole resizes it to)."""
-    from .findings import FuseError
-    from .peft import family_for
+    from ..findings import FuseError
+    from ..peft import family_for
 
     rows = embedding_rows(base)
     if rows is None:
@@ -459,7 +459,7 @@ def check_vocabulary(adapters, base) -> None:
 def tokenizer_size(directory: Path) -> tuple[int, Path] | None:
     """(number of token ids, file) of the tokenizer saved in ``directory``, from its JSON files;
     None when it has none that Fuse can read without loading it (e.g. only a sentencepiece model)."""
-    from .findings import FuseError
+    from ..findings import FuseError
 
     top, source = -1, None
     for fname in TOKENIZER_FILES:
@@ -491,8 +491,8 @@ def tokenizer_size(directory: Path) -> tuple[int, Path] | None:
 def check_tokenizer(plan, adapters) -> dict | None:
     """F213 when the tokenizer that ships with the merged model (the first adapter's, else the
     base's) has token ids past the merged embedding's rows."""
-    from .findings import FuseError
-    from .peft.plan import EMBEDDINGS, HEAD
+    from ..findings import FuseError
+    from ..peft.plan import EMBEDDINGS, HEAD
 
     table = next((n for n in (*EMBEDDINGS, HEAD) if n in plan.outputs), None)
     rows = plan.shape(table)[0] if table else None
@@ -522,8 +522,8 @@ def _target_matches(targets, module: str) -> bool:
 def check_adapter_config(adapter) -> list[dict]:
     """F214 warnings: adapter weights for modules that ``target_modules`` does not name, and
     rank/alpha patterns that match no module (config and weights from different runs?)."""
-    from .peft import family_for
-    from .peft.plan import get_pattern_key, split_key
+    from ..peft import family_for
+    from ..peft.plan import get_pattern_key, split_key
 
     family = family_for(adapter.peft_type)
     modules = sorted({split_key(k, family.SUFFIXES)[0] for k in adapter.tensors

@@ -28,7 +28,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .pipeline import Param
+from ..pipeline import Param
 
 NAME = "check"
 VERSION = 1
@@ -68,7 +68,7 @@ _ID_PROMPTS = (6, 12)  # token-id prompts when there is no tokenizer: how many, 
 def check_params(ctx) -> None:
     """When the pipeline file loads (F103, with its line): counts not negative, agreements in
     [0, 1], prompts a list of strings or of token-id lists."""
-    from .findings import FuseError
+    from ..findings import FuseError
 
     params, where = ctx.params, dict(file=ctx.pipeline.path, line=ctx.stage.line)
     for name in ("probes", "logits_max_params", "greedy_tokens", "greedy_prompts", "max_abs_diff", "max_kl",
@@ -116,8 +116,8 @@ def check_merge(base_dir, adapters, merged_dir, *, merge_options: dict | None = 
         report = check_merge("models/llama", [("outputs/lora", 1.0)], "runs/x/merge", merge_options={})
         report["metrics"]["probe_worst_ratio"]   # <= 1: every tensor within its rounding bound
     """
-    from .findings import FuseError
-    from .io.safetensors import ModelWeights
+    from ..findings import FuseError
+    from ..io.safetensors import ModelWeights
 
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -171,10 +171,10 @@ def check_merge(base_dir, adapters, merged_dir, *, merge_options: dict | None = 
 def merge_plan(base_dir, adapters, options: dict):
     """The plan the merge followed: the same base view (bitsandbytes checkpoints dequantized), the
     same planner, method and NF4 policy as :func:`stages.peft.merge.merge_model`."""
-    from .peft.adapter import load_adapter
-    from .peft.combine import check_method
-    from .peft.plan import plan_merge
-    from .peft.quantized import nf4_targets, open_base
+    from ..peft.adapter import load_adapter
+    from ..peft.combine import check_method
+    from ..peft.plan import plan_merge
+    from ..peft.quantized import nf4_targets, open_base
 
     density = check_method(options["method"], options["density"], options["seed"], len(adapters))
     base = open_base(base_dir)
@@ -190,8 +190,8 @@ def merge_plan(base_dir, adapters, options: dict):
 def check_structure(plan, merged) -> None:
     """The merged model holds exactly the planned tensors, with their shapes, and a config that
     does not re-tie an lm_head the merge untied (F303)."""
-    from .findings import FuseError
-    from .io.safetensors import FLOAT_DTYPES
+    from ..findings import FuseError
+    from ..io.safetensors import FLOAT_DTYPES
 
     where = {"file": str(merged.dir), "fix": "run merge again; the output is not what the merge plans"}
     missing = [n for n in plan.outputs if n not in merged]
@@ -238,8 +238,8 @@ def read_rows(info, r0: int, r1: int):
     """Rows ``[r0, r1)`` of a stored tensor as a 2-D torch tensor (its own dtype), by ``pread``."""
     import torch
 
-    from .findings import FuseError
-    from .io.safetensors import ITEMSIZE, torch_dtype
+    from ..findings import FuseError
+    from ..io.safetensors import ITEMSIZE, torch_dtype
 
     rows, cols = _matrix_shape(info.shape)
     item = ITEMSIZE[info.dtype]
@@ -351,7 +351,7 @@ def _base_tensor(plan, name: str):
     info = plan.outputs[name]
     W = plan.base.load(info.name)
     if info.name in plan.options.get("nf4", ()):
-        from .peft.quantized import nf4_round_trip
+        from ..peft.quantized import nf4_round_trip
 
         W = nf4_round_trip(W, plan.options.get("double_quant", False))
     return W
@@ -363,8 +363,8 @@ def probe_merge(plan, merged, *, probes: int = 16, seed: int = 0, log=None) -> l
     ``ratio`` <= 1 passing (the larger of the two tests, each over its bound)."""
     import torch
 
-    from .io.safetensors import ModelWeights
-    from .metrics import mean_square_bound, probe_lambda
+    from ..io.safetensors import ModelWeights
+    from ..metrics import mean_square_bound, probe_lambda
 
     lam, bound = probe_lambda(), mean_square_bound(probes)
     plain = type(plan.base) is ModelWeights  # stored as it is used: rows can be read in blocks
@@ -409,7 +409,7 @@ def _compare_unchanged(plan, name: str, info, streamable: bool) -> dict:
 
 
 def _probe_updated(plan, name, info, updates, probes, seed, lam, bound, streamable) -> dict:
-    from .metrics import unit_roundoff
+    from ..metrics import unit_roundoff
 
     rows, cols = _matrix_shape(info.shape)
     X = _rademacher(cols, probes, seed, name)
@@ -438,7 +438,7 @@ def _probe_updated(plan, name, info, updates, probes, seed, lam, bound, streamab
         ref, absref = _formula_reference(start, deltas, rows, cols)
         reference = "formula"
     else:  # other families and TIES/DARE: replay the merge engine's own math on this tensor
-        from .peft.merge import _merge_tensor
+        from ..peft.merge import _merge_tensor
 
         base = start if not repl else _base_tensor(plan, name).float()
         ref = _merge_tensor(plan, name, base.reshape(plan.outputs[name].shape).clone()).reshape(rows, cols)
@@ -529,8 +529,8 @@ def _formula_reference(start, deltas, rows: int, cols: int):
 def compare_logits(plan, merged, adapters, options: dict, *, max_params: int, prompts, seed: int,
                    greedy_tokens: int, greedy_prompts: int, thresholds: dict | None, log) -> dict:
     """Logits of the merged model against the unmerged PeftModel (float32), or why not."""
-    from . import metrics as M
-    from .io.safetensors import ModelWeights
+    from .. import metrics as M
+    from ..io.safetensors import ModelWeights
 
     n_params = sum(math.prod(t.shape) for t in merged.tensors.values())
     why = None
@@ -604,7 +604,7 @@ def _prompts(merged, prompts, seed: int) -> tuple[list[list[int]], str]:
     text prompts through the merged model's tokenizer, else seeded token ids."""
     import random
 
-    from .findings import FuseError
+    from ..findings import FuseError
 
     vocab = merged.config.get("vocab_size") or (merged.config.get("text_config") or {}).get("vocab_size")
     if prompts:  # their form was checked when the pipeline loaded (check_params)

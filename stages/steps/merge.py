@@ -5,7 +5,7 @@ pipeline's parameters onto it and reports progress.
 """
 from __future__ import annotations
 
-from .pipeline import Param
+from ..pipeline import Param
 
 NAME = "merge"
 VERSION = 2  # 2: method/density/seed, base_precision, dequantized bitsandbytes bases, new families
@@ -35,7 +35,7 @@ PARAMS = {
 
 def parse_size(text: str, key: str = "merge.max_shard_size") -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
-    from .findings import FuseError
+    from ..findings import FuseError
 
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper().replace(" ", "")
@@ -59,7 +59,7 @@ def estimate_bytes(ctx) -> int:
 
 
 def run(ctx) -> dict:
-    from .peft.merge import merge_model
+    from ..peft.merge import merge_model
 
     weights = sum(f["size"] for f in ctx.base.files if f["path"].endswith(".safetensors"))
     with ctx.progress("merge", weights) as progress:
