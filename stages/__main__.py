@@ -18,7 +18,17 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 USAGE_CODES = ("F1", "F2")  # pipeline-file and input findings: the user must change something first
 
 
+def _quiet_third_party_logs():
+    """Optional kernels that cannot load on this machine (torchao's CUDA builds) and deprecation
+    chatter of torch internals are not the user's problem: keep them out of the run's log."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
+    _quiet_third_party_logs()
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
