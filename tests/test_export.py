@@ -234,7 +234,7 @@ def test_a_failing_gate_stops_the_pipeline_with_its_numbers(project):
 
 
 def test_export_reads_the_merged_model_never_a_quantized_one():
-    from stages import export, publish, quantize
+    from stages.steps import export, publish, quantize
 
     assert export.INPUT == ("hf-model",) and quantize.OUTPUT not in export.INPUT
     assert {quantize.OUTPUT, export.OUTPUT} <= set(publish.INPUT)
