@@ -240,7 +240,6 @@ class Manifest:
         copied from another runner); a file that still hashes right gets its new stat
         recorded, so the next check is cheap again.
         """
-        rec = self.record(stage_id) or {}
         problems = []
         for root, files in self.recorded_files(stage_id):
             for f in files:

@@ -21,13 +21,13 @@ No torch here: the pre-flight must not wait for it. Every problem is a
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import struct
 from pathlib import Path
 
 from stages.findings import FuseError
+from stages.io.jsonfile import read_json
 from stages.io.safetensors import INDEX_NAME, ITEMSIZE, MAX_HEADER_BYTES, ModelWeights, TensorInfo, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -162,12 +162,7 @@ def read_index(model_dir) -> dict | None:
     index = root / INDEX_NAME
     if not index.exists():
         return None
-    try:
-        data = json.loads(index.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise FuseError("F205", f"{INDEX_NAME} is not UTF-8 text (byte {e.start})", file=index) from None
-    except json.JSONDecodeError as e:
-        raise FuseError("F205", f"{INDEX_NAME} is not valid JSON: {e.msg}", file=index, line=e.lineno) from None
+    data = read_json(index, "F205")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map \
             or not all(isinstance(v, str) and v for v in weight_map.values()):

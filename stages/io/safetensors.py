@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.findings import FuseError
+from stages.io.jsonfile import read_json
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -265,10 +266,7 @@ def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FuseError("F205", f"config.json is not valid JSON: {e}", file=path) from None
+    config = read_json(path, "F205", fix="restore config.json from the model's original files")
     if not isinstance(config, dict):
         raise FuseError("F205", "config.json is not a JSON object", file=path)
     return config

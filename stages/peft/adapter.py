@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.findings import FuseError
+from stages.io.jsonfile import read_json
 from stages.io.safetensors import TensorInfo, load_tensor, read_header, st_dtype
 
 CONFIG_NAME = "adapter_config.json"
@@ -122,12 +123,7 @@ def read_adapter_config(path: Path) -> dict:
     if not path.is_file():
         raise FuseError("F201", f"{path.name} is missing in {path.parent}", file=path,
                         fix="point the adapter path at the directory peft's save_pretrained wrote")
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise FuseError("F201", f"{path.name} is not UTF-8 text ({e.reason} at byte {e.start})", file=path) from None
-    except json.JSONDecodeError as e:
-        raise FuseError("F201", f"{path.name} is not valid JSON: {e.msg}", file=path, line=e.lineno) from None
+    config = read_json(path, "F201", fix="re-save the adapter with peft's save_pretrained")
     if not isinstance(config, dict):
         raise FuseError("F201", f"{path.name} is not a JSON object", file=path)
     return config

@@ -1,0 +1,19 @@
+"""Read a JSON file as a finding-raising operation (configs, indexes, adapter configs)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.findings import FuseError
+
+
+def read_json(path, code: str, *, fix: str | None = None):
+    """The file's data; a non-UTF-8 or invalid file is one finding naming it (and the line)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FuseError(code, f"{path.name} is not UTF-8 text ({e.reason} at byte {e.start})", file=path,
+                        fix=fix) from None
+    except json.JSONDecodeError as e:
+        raise FuseError(code, f"{path.name} is not valid JSON: {e.msg}", file=path, line=e.lineno, fix=fix) from None
