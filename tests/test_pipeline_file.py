@@ -196,3 +196,17 @@ def test_float_parameters_accept_yaml_exponent_strings(tree):
     p = load(write(tree, GOOD.replace("  - merge: {dtype: bfloat16}\n",
                                       "  - merge: {dtype: bfloat16}\n  - check: {max_kl: 1e-12}\n")))
     assert p.stage("check").params["max_kl"] == 1e-12
+
+
+def test_the_example_pipeline_loads(tmp_path, monkeypatch):
+    """examples/ must stay valid as the schema moves (its adapter comes from a training job)."""
+    import shutil
+
+    (tmp_path / "examples").mkdir()
+    shutil.copy(Path(__file__).parents[1] / "examples" / "qwen2.5-7b-support.yaml", tmp_path / "examples")
+    (tmp_path / "outputs" / "qwen2.5-7b-support-lora").mkdir(parents=True)
+    monkeypatch.setenv("RUNNER_TEMP", str(tmp_path / "tmp"))
+    p = load(tmp_path / "examples" / "qwen2.5-7b-support.yaml")
+    assert p.base == "Qwen/Qwen2.5-7B-Instruct"
+    assert [s.name for s in p.stages] == ["validate", "merge", "check", "quantize", "publish", "publish"]
+    assert p.stage("publish-gptq").from_id == "quantize"
