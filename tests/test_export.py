@@ -12,14 +12,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from factory import SENTENCES, make_lora_adapter, make_tiny_model
+from cli import fuse
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")),
@@ -54,15 +53,6 @@ stages:
   - export
   - export: {id: nopast, with_past: false, opset: 18}
 """
-
-
-def fuse(*args, cwd, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    r = subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, capture_output=True, text=True, env=env,
-                       timeout=900)
-    if check and r.returncode != 0:
-        raise AssertionError(f"fuse {' '.join(args)} exited {r.returncode}:\n{r.stderr[-4000:]}")
-    return r
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

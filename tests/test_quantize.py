@@ -12,13 +12,12 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from factory import SENTENCES, make_lora_adapter, make_tiny_model
+from cli import fuse
 
 from stages.findings import FuseError
 
@@ -41,15 +40,6 @@ stages:
   - quantize: {{id: awq, method: awq, bits: 4, group_size: 128, calibration: {{dataset: calib.jsonl}}}}
   - publish: {{to: dir, path: dist, from: gptq}}
 """
-
-
-def fuse(*args, cwd, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    r = subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, capture_output=True, text=True, env=env,
-                       timeout=900)
-    if check and r.returncode != 0:
-        raise AssertionError(f"fuse {' '.join(args)} exited {r.returncode}:\n{r.stderr[-4000:]}")
-    return r
 
 
 def write_calibration(path: Path, records) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from factory import make_lora_adapter, make_tiny_model
+from cli import fuse
 
 PIPELINE = """\
 version: 1
@@ -52,14 +53,6 @@ def write_pipeline(root: Path, workdir="runs/tiny", text=PIPELINE) -> Path:
     p = root / "pipeline.yaml"
     p.write_text(text.format(workdir=workdir))
     return p
-
-
-def fuse(*args, cwd, env=None, check=True):
-    r = subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, capture_output=True, text=True,
-                       env={**os.environ, **(env or {})}, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"fuse {' '.join(args)} exited {r.returncode}:\n{r.stderr}")
-    return r
 
 
 def snapshot(root: Path) -> dict:
