@@ -354,18 +354,24 @@ def test_moe_target_parameters_where_layout_matches(tmp_path):
     check_family(base, adapter, tmp_path, atol=1e-4, min_changed=3)
 
 
-def test_moe_target_parameters_other_layout_is_refused(tmp_path):
-    """Mixtral's checkpoint stores experts one by one; the adapter targets the fused runtime tensor."""
+def test_moe_target_parameters_without_a_conversion_is_refused(tmp_path):
+    """Experts stored one by one, but config.json names a model type transformers has no conversion mapping
+    for (as custom-code MoE models): nothing says how the runtime tensor is built from them, so the merge
+    is refused, naming the runtime tensor and what the checkpoint holds. (Mixtral itself merges:
+    tests/test_architectures.py.)"""
     from peft import LoraConfig
 
     base = tiny_moe(tmp_path / "mixtral", "mixtral")
     adapter = make_peft_adapter(base, tmp_path / "a", LoraConfig(r=2, target_modules=[],
                                 target_parameters=["mlp.experts.gate_up_proj"]), seed=6)
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="my_moe", architectures=["MyMoeForCausalLM"])
+    (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(FuseError) as e:
         merge_model(base, [(adapter, 1.0)], tmp_path / "out")
     assert e.value.finding.code == "F202"
     assert "model.layers.0.mlp.experts.gate_up_proj" in str(e.value)
-    assert "block_sparse_moe.experts.0" in str(e.value)
+    assert "block_sparse_moe.experts.0" in str(e.value) and "my_moe" in str(e.value)
 
 
 # ---------------------------------------------------------------- several adapters: TIES, DARE

@@ -1,7 +1,8 @@
 """The LoRA family: Linear (incl. fan_in_fan_out), Embedding, rsLoRA, rank/alpha patterns,
 lora_bias and DoRA, with peft's formulas (peft/tuners/lora/layer.py, variants.py, dora.py);
 Conv1d/2d/3d through peft's own ``_ConvNd`` layer; MoE expert parameters (``target_parameters``,
-``ParamWrapper``) where the checkpoint stores them as the model holds them; and
+``ParamWrapper``) where the checkpoint stores them as the model holds them, or transformers'
+conversion mapping stacks and concatenates them from per-expert tensors (stages/peft/runtime.py); and
 ``trainable_token_indices`` (rows of the embedding replaced).
 
 Planning helpers here are torch-free; only :func:`apply` imports torch.
@@ -214,8 +215,9 @@ TRANSPOSED_EXPERTS = ("gpt_oss", "openai_privacy_filter")
 def regroup(adapter, groups: dict, ctx) -> dict:
     """LoRA on raw parameters (``target_parameters``): peft saves nested ``ParamWrapper``s as
     ``<module>[.base_layer]*.lora_A.weight``, naming the module, not the parameter. Find the parameter
-    each nesting level updates from the shapes; refuse, naming the tensors, when the checkpoint does not
-    store that parameter as the model holds it at run time (e.g. experts saved one by one)."""
+    each nesting level updates from the shapes (the runtime ones where transformers fuses the parameter
+    from per-expert tensors); refuse, naming the tensors, when the checkpoint holds the parameter neither
+    as the model does at run time nor in a layout transformers' conversion mapping fuses reversibly."""
     targets = adapter.config.get("target_parameters") or []
     if not targets:
         return groups
@@ -230,15 +232,15 @@ def regroup(adapter, groups: dict, ctx) -> dict:
             continue
         pending.setdefault(clean, []).append(roles)
     for clean, levels in pending.items():
-        found = {n: ctx.resolve(f"{clean}.{n}") for n in sorted({t.rpartition(".")[2] for t in targets})
-                 if f"{clean}.{n}".endswith(tuple(targets))}
-        missing = [f"{clean}.{n}" for n, base_name in found.items() if base_name is None]
+        found = {n: _runtime_shape(ctx, f"{clean}.{n}", adapter, levels)
+                 for n in sorted({t.rpartition(".")[2] for t in targets}) if f"{clean}.{n}".endswith(tuple(targets))}
+        missing = [f"{clean}.{n}" for n, shape in found.items() if shape is None]
         if missing or not found:
             raise _layout_refusal(adapter, clean, missing or [clean], ctx, levels)
         free = dict(found)
         for roles in levels:
             A, B = (adapter.tensors[roles[r]].shape for r in ("A", "B"))
-            fits = [n for n, base_name in free.items() if _fits_expert(ctx.base.tensors[base_name].shape, A, B)]
+            fits = [n for n, shape in free.items() if _fits_expert(shape, A, B)]
             if len(fits) != 1:
                 why = "none of" if not fits else "several of"
                 raise FuseError("F204", f"{roles['A']}: {why} the targeted parameters "
@@ -248,6 +250,19 @@ def regroup(adapter, groups: dict, ctx) -> dict:
             out[(clean, fits[0])] = roles
             del free[fits[0]]
     return out
+
+
+def _runtime_shape(ctx, name: str, adapter, levels):
+    """The shape of the parameter the model holds as ``name`` at run time: stored under that name (or
+    renamed), or fused by transformers from several checkpoint tensors; None when neither."""
+    base_name = ctx.resolve(name)
+    if base_name is not None:
+        return ctx.base.tensors[base_name].shape
+    fused = ctx.fused(name)
+    if fused is not None and fused.why:
+        raise fused.refusal(f"LoRA on {name} (target_parameters)", str(adapter.weights_file),
+                            next(iter(levels[0].values())))
+    return fused.info.shape if fused is not None else None
 
 
 def _fits_expert(shape, A, B) -> bool:
@@ -266,9 +281,12 @@ def _layout_refusal(adapter, clean, missing, ctx, levels) -> FuseError:
     stored = [n for n in ctx.base.tensors if n.startswith(prefix) and "expert" in n][:4]
     seen = f"; the checkpoint stores {', '.join(stored)}{', ...' if stored else ''}" if stored else ""
     key = next(iter(levels[0].values()))
+    model_type = ctx.base.config.get("model_type") or "this model"
     return FuseError("F202", f"LoRA on {', '.join(missing)} (target_parameters) changes the expert tensor the model "
-                     f"holds at run time, which this checkpoint does not store in that layout{seen}; Fuse merges "
-                     "target_parameters only where the on-disk layout equals the runtime one",
+                     f"holds at run time, which this checkpoint does not store in that layout{seen}, and "
+                     f"transformers' conversion mapping for {model_type} does not build it; Fuse merges "
+                     "target_parameters where the on-disk layout equals the runtime one or that mapping "
+                     "stacks and concatenates the checkpoint's tensors into it",
                      file=str(adapter.weights_file), key=key,
                      fix="merge with peft's merge_and_unload() and save_pretrained(), which convert the layout")
 
@@ -337,7 +355,13 @@ def apply(W, W0, update, t: dict, adapter=None):
         E = update.extra["experts"]
         A = t["A"].reshape(E, -1, t["A"].shape[-1])
         B = t["B"].reshape(t["B"].shape[0], -1, E)
+        piece = update.extra.get("piece")
+        if piece:  # W is one checkpoint tensor of a runtime tensor transformers fuses: one expert, a slice
+            expert, dim, start, stop = piece
+            A, B = A[expert:expert + 1], B[:, :, expert:expert + 1]
         delta = torch.einsum(f"o r e, e r i -> {update.extra['orientation']}", B, A) * update.scaling
+        if piece:
+            delta = delta[0] if dim is None else delta[0].narrow(dim - 1, start, stop - start)
         return W.add_(delta * update.weight if update.weight != 1.0 else delta)
     if kind == "bias":
         delta = t["bias"] * update.scaling

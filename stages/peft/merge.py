@@ -809,8 +809,23 @@ def _nan_error(plan: MergePlan, name: str, updates: list) -> FuseError:
 
 def _apply(plan: MergePlan, u, W, W0):
     adapter = plan.adapters[u.adapter]
-    tensors = {role: adapter.load(key).float() for role, key in u.tensors.items()}
+    load = _shared_load if "piece" in u.extra else (lambda a, key: a.load(key).float())
+    tensors = {role: load(adapter, key) for role, key in u.tensors.items()}
     return family_for(u.peft_type).apply(W, W0, u, tensors, adapter=adapter)
+
+
+PIECE_CACHE = 4  # adapter tensors kept: lora_A and lora_B of a layer's two fused expert parameters
+
+
+def _shared_load(adapter, key: str):
+    """An adapter tensor in float32 that several checkpoint tensors take a piece of (each of Mixtral's per-expert
+    w1/w3/w2 takes one expert of the same lora_A / lora_B): read once while they come one after another."""
+    cache = adapter._cache.setdefault("pieces", {})
+    if key not in cache:
+        if len(cache) >= PIECE_CACHE:
+            del cache[next(iter(cache))]
+        cache[key] = adapter.load(key).float()
+    return cache[key]
 
 
 def _combine(plan: MergePlan, name: str, W, deltas: list):

@@ -91,8 +91,27 @@ class PlanContext:
     method: str = "linear"
     shapes: dict = field(default_factory=dict)  # resized outputs so far
 
+    _runtime: object = None
+
+    def runtime(self):
+        """transformers' runtime names for the checkpoint's tensors (stages/peft/runtime.py), read on first need:
+        most adapters name checkpoint tensors directly and never import transformers."""
+        if self._runtime is None:
+            from stages.peft.runtime import runtime_names
+
+            self._runtime = runtime_names(self.base)
+        return self._runtime
+
     def resolve(self, name: str) -> str | None:
-        return _resolve(name, self.base, self.tied)
+        """The checkpoint tensor a runtime tensor name is: itself, another spelling of it, or its name
+        before transformers' conversion mapping renamed it (e.g. Mixtral's ``mlp.gate`` is
+        ``block_sparse_moe.gate`` on disk)."""
+        return _resolve(name, self.base, self.tied) or self.runtime().renamed.get(name)
+
+    def fused(self, name: str):
+        """The :class:`~stages.peft.runtime.Fused` tensor transformers builds under ``name`` from several
+        checkpoint tensors (Mixtral's experts), or None."""
+        return None if self.resolve(name) else self.runtime().fused.get(name)
 
     def target(self, name: str) -> TensorInfo:
         info = _source(name, self.base, self.tied)
@@ -180,7 +199,7 @@ def _plan_adapter(index: int, adapter: Adapter, ctx: PlanContext):
         if role != "replace":
             groups.setdefault((module, param), {})[role] = key
             continue
-        name = _resolve(module, base, tied)
+        name = ctx.resolve(module)
         if name is None:
             unmapped.append((key, module))
             continue
@@ -194,17 +213,25 @@ def _plan_adapter(index: int, adapter: Adapter, ctx: PlanContext):
         groups = family.regroup(adapter, groups, ctx)
     family_updates = []
     for (module, param), roles in groups.items():
-        name = _resolve(f"{module}.{param}", base, tied)
-        if name is None:
+        name = ctx.resolve(f"{module}.{param}")
+        fused = ctx.fused(f"{module}.{param}") if name is None else None
+        if name is None and fused is None:
             unmapped.extend((key, f"{module}.{param}") for key in roles.values())
             continue
-        target = ctx.target(name)
+        if fused is not None and fused.why:
+            raise fused.refusal(f"the adapter's {module}", str(adapter.weights_file), next(iter(roles.values())))
+        target = fused.info if fused is not None else ctx.target(name)
         if target.dtype not in FLOAT_DTYPES:
-            raise FuseError("F209", f"{name} is stored as {target.dtype}; Fuse merges into float16, bfloat16, "
-                            "float32 and float64 tensors only", file=str(target.path), key=name)
+            raise FuseError("F209", f"{target.name} is stored as {target.dtype}; Fuse merges into float16, "
+                            "bfloat16, float32 and float64 tensors only", file=str(target.path), key=target.name)
         made = family.make_update(index, adapter, module, param, roles, target, ctx=ctx)
+        if fused is not None:
+            for out, update in _split(adapter, fused, made, roles):
+                planned.append((out, update))
+                family_updates.append(update)
+            continue
         for out_param, update in made if isinstance(made, list) else [(param, made)]:
-            out = name if out_param == param else _resolve(f"{module}.{out_param}", base, tied)
+            out = name if out_param == param else ctx.resolve(f"{module}.{out_param}")
             planned.append((out, update))
             family_updates.append(update)
     if unmapped:
@@ -214,6 +241,19 @@ def _plan_adapter(index: int, adapter: Adapter, ctx: PlanContext):
     elif shared:
         raise _unmapped_error(adapter, [(key, key) for key in shared.values()], base)
     return planned
+
+
+def _split(adapter: Adapter, fused, made, roles: dict) -> list:
+    """An update of a runtime tensor that transformers fuses from several checkpoint tensors, as one update
+    per checkpoint tensor: the same adapter tensors, plus which expert and slice of ΔW it takes (the
+    reverse of MergeModulelist(dim=0) + Concatenate, see stages/peft/runtime.py)."""
+    made = made if isinstance(made, list) else [(None, made)]
+    if len(made) != 1 or made[0][1].kind != "experts":
+        raise fused.refusal(f"the adapter's {made[0][1].module}", str(adapter.weights_file),
+                            next(iter(roles.values())), why="Fuse splits only LoRA expert updates back")
+    update = made[0][1]
+    return [(p.key, dataclasses.replace(update, extra={**update.extra, "piece": (p.expert, p.dim, p.start, p.stop)}))
+            for p in fused.pieces]
 
 
 def _in_modules_to_save(module: str, copies) -> bool:
