@@ -19,12 +19,16 @@ USAGE_CODES = ("F1", "F2")  # pipeline-file and input findings: the user must ch
 
 
 def _quiet_third_party_logs():
-    """Optional kernels that cannot load on this machine (torchao's CUDA builds) and deprecation
-    chatter of torch internals are not the user's problem: keep them out of the run's log."""
+    """Optional kernels that cannot load on this machine (torchao's CUDA builds, bitsandbytes' CPU
+    kernel from the Hub) and deprecation chatter of torch internals are not the user's problem: keep
+    them out of the run's log. A log that is not a terminal (CI) gets no carriage-return progress
+    bars from transformers or huggingface_hub (Fuse prints its own progress lines there)."""
     import logging
 
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv=None) -> int:

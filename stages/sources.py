@@ -55,11 +55,11 @@ def resolve_base(spec: str, workdir: Path, cache, log=print) -> BaseRef:
         out = workdir / ".bases" / f"gguf-{digest.split(':')[1][:16]}"
         if not (out / "config.json").exists():
             log(f"converting GGUF base {path.name} to safetensors (once; cached in {out})")
-            from .io.gguf import gguf_to_hf
+            from .io.gguf import gguf_to_hf_in_subprocess
 
             tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:6]}")
             try:
-                gguf_to_hf(path, tmp)
+                gguf_to_hf_in_subprocess(path, tmp)
                 os.replace(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

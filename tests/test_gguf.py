@@ -212,6 +212,19 @@ def test_truncated_tensor_data_is_F209(tmp_path):
     assert e.value.finding.key == "token_embd.weight" and "fetch the file again" in e.value.finding.fix
 
 
+def test_conversion_in_a_child_process_brings_its_finding_back(tmp_path):
+    """The runner converts in a child process (its memory goes back to the system before the merge);
+    a bad file still ends in the same one-line finding, not an exit code."""
+    from stages.io.gguf import gguf_to_hf_in_subprocess
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(_gguf_header({"general.architecture": "llama", "general.name": "x" * 100})[:120])
+    with pytest.raises(FuseError) as e:
+        gguf_to_hf_in_subprocess(cut, tmp_path / "out")
+    assert e.value.finding.code == "F209" and "damaged or truncated" in e.value.finding.message
+    assert e.value.finding.file == str(cut) and not (tmp_path / "out").exists()
+
+
 def test_missing_gguf_package_is_F209(tmp_path, monkeypatch):
     ok = tmp_path / "tiny.gguf"
     ok.write_bytes(_gguf_header({"general.architecture": "llama", "general.file_type": 3}))

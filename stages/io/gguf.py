@@ -402,17 +402,46 @@ def _fix_tokenizer(tokenizer, meta) -> None:
             init["model_max_length"] = ctx
 
 
-def _main(argv=None) -> int:  # python -m stages.io.gguf IN.gguf OUT_DIR [dtype]
-    import sys
+def gguf_to_hf_in_subprocess(gguf_path, out_dir, *, dtype="auto") -> None:
+    """:func:`gguf_to_hf` in a child process, so that the ~1 GB it takes (transformers' GGUF
+    loader, the dequantized model) is given back to the system before the merge starts: a merge
+    promises bounded memory, and a Python process keeps what it once held. Findings cross back."""
+    import json
+    import subprocess
 
-    args = sys.argv[1:] if argv is None else argv
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "stages.io.gguf", "--finding-json", str(gguf_path), str(out_dir), dtype],
+                       capture_output=True, text=True, env=env)
+    if r.returncode == 0:
+        return
+    lines = r.stdout.strip().splitlines()
+    try:
+        f = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = [line for line in r.stderr.strip().splitlines() if line.strip()][-3:]
+        raise FuseError("F209", f"converting {Path(gguf_path).name} failed (exit {r.returncode}): "
+                        + " / ".join(tail), file=gguf_path,
+                        fix="run python -m stages.io.gguf IN.gguf OUT_DIR to see the whole output") from None
+    raise FuseError(f["code"], f["message"], file=f.get("file"), line=f.get("line"), key=f.get("key"),
+                    fix=f.get("fix"))
+
+
+def _main(argv=None) -> int:  # python -m stages.io.gguf [--finding-json] IN.gguf OUT_DIR [dtype]
+    import json
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    as_json = bool(args) and args[0] == "--finding-json"
+    args = args[1:] if as_json else args
     if len(args) not in (2, 3):
         print("usage: python -m stages.io.gguf IN.gguf OUT_DIR [auto|bfloat16|float16|float32]", file=sys.stderr)
         return 2
     try:
         gguf_to_hf(args[0], args[1], dtype=args[2] if len(args) == 3 else "auto")
     except FuseError as e:
-        print(e.finding.line_text(), file=sys.stderr)
+        f = e.finding
+        print(json.dumps({"code": f.code, "message": f.message, "file": f.file, "line": f.line, "key": f.key,
+                          "fix": f.fix}) if as_json else f.line_text(), file=sys.stdout if as_json else sys.stderr)
         return 1
     return 0
 

@@ -21,9 +21,11 @@ carries the numbers; on success they are the stage's metrics and ``report.json``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -582,9 +584,10 @@ def _peft_model(base_dir, adapters):
     from peft import PeftModel
 
     model = _causal_lm(base_dir)
-    peft_model = PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name="a0")
-    for i, (path, _) in enumerate(adapters[1:], 1):
-        peft_model.load_adapter(str(path), adapter_name=f"a{i}")
+    with _without_gptqmodel_dispatch():
+        peft_model = PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name="a0")
+        for i, (path, _) in enumerate(adapters[1:], 1):
+            peft_model.load_adapter(str(path), adapter_name=f"a{i}")
     names = [f"a{i}" for i in range(len(adapters))]
     if len(names) > 1:
         peft_model.base_model.set_adapter(names)
@@ -597,6 +600,29 @@ def _peft_model(base_dir, adapters):
                     if name in weights:
                         scaling[name] *= weights[name]
     return peft_model.eval()
+
+
+@contextlib.contextmanager
+def _without_gptqmodel_dispatch():
+    """peft asks gptqmodel, for every layer it wraps, whether the layer is a GPTQ/AWQ one; with
+    gptqmodel installed that imports it (6-10 s and a banner on stdout). The base here is a plain
+    float32 model loaded by transformers, so no layer can be one: answer "not available" instead."""
+    import importlib
+
+    patched = []
+    for name in ("peft.tuners.lora.gptq", "peft.tuners.lora.awq", "peft.utils.other"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - another peft layout
+            continue
+        if hasattr(module, "is_gptqmodel_available") and "gptqmodel" not in sys.modules:
+            patched.append((module, module.is_gptqmodel_available))
+            module.is_gptqmodel_available = lambda: False
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.is_gptqmodel_available = original
 
 
 def _prompts(merged, prompts, seed: int) -> tuple[list[list[int]], str]:
