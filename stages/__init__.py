@@ -19,13 +19,14 @@ __all__ = ["run", "status", "verify", "merge", "FuseError", "__version__"]
 from .findings import FuseError
 
 
-def run(pipeline, *, overrides=(), from_stage=None, only=None, force=False, full_verify=False, log=None) -> dict:
+def run(pipeline, *, overrides=(), from_stage=None, until=None, only=None, force=False, full_verify=False,
+        log=None) -> dict:
     """Run a pipeline file; returns ``{stage id: "done" | "skipped"}``. Raises :class:`FuseError`."""
     from .pipeline import load
     from .runner import Runner
 
     p = load(pipeline, overrides)
-    return Runner(p, force=force, full_verify=full_verify, log=log).run(from_id=from_stage, only=only)
+    return Runner(p, force=force, full_verify=full_verify, log=log).run(from_id=from_stage, only=only, until=until)
 
 
 def status(pipeline, *, overrides=()) -> list[dict]:

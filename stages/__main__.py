@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a pipeline (fresh stages are skipped)")
     r.add_argument("pipeline")
     r.add_argument("--from", dest="from_id", metavar="ID", help="start at this stage (earlier ones must be done)")
+    r.add_argument("--until", metavar="ID", help="stop after this stage (with --from: a slice of the pipeline)")
     r.add_argument("--only", metavar="ID", help="run this stage alone (its upstream must be done)")
     r.add_argument("--force", action="store_true", help="re-run the selected stages even if fresh")
     r.add_argument("--full-verify", action="store_true", help="re-hash recorded outputs instead of the stat check")
@@ -112,8 +113,8 @@ def cmd_run(args) -> int:
     from .report import stage_log
 
     with stage_log() as log:  # under GitHub Actions: secrets masked, one log group per stage
-        summary = run(args.pipeline, overrides=args.overrides, from_stage=args.from_id, only=args.only,
-                      force=args.force, full_verify=args.full_verify, log=log)
+        summary = run(args.pipeline, overrides=args.overrides, from_stage=args.from_id, until=args.until,
+                      only=args.only, force=args.force, full_verify=args.full_verify, log=log)
     ran = [k for k, v in summary.items() if v == "done"]
     print(f"fuse: {len(summary)} stages, {len(ran)} ran, {len(summary) - len(ran)} fresh and skipped", file=sys.stderr)
     return 0

@@ -199,20 +199,28 @@ class Runner:
 
     # -- running ------------------------------------------------------------------------
 
-    def select(self, from_id: str | None, only: str | None) -> list[StageSpec]:
+    def select(self, from_id: str | None, only: str | None, until: str | None = None) -> list[StageSpec]:
+        """The stages to run: all, ``--only ID``, or ``--from ID`` and/or ``--until ID`` (both included),
+        so that one pipeline splits across machines (``--until merge`` on CPU, ``--from quantize`` on GPU)."""
         ids = [s.id for s in self.p.stages]
-        for name, value in (("--from", from_id), ("--only", only)):
+        for name, value in (("--from", from_id), ("--only", only), ("--until", until)):
             if value is not None and value not in ids:
                 raise FuseError("F108", f"{name} {value}: no stage has that id", file=self.p.path,
                                 fix="stage ids in this pipeline: " + ", ".join(ids))
+        if only and (from_id or until):
+            raise FuseError("F108", "--only runs one stage; it does not combine with --from or --until",
+                            file=self.p.path, fix="use --only ID alone, or --from/--until")
         if only:
             return [self.p.stage(only)]
-        if from_id:
-            return self.p.stages[ids.index(from_id):]
-        return list(self.p.stages)
+        start = ids.index(from_id) if from_id else 0
+        stop = ids.index(until) + 1 if until else len(ids)
+        if stop <= start:
+            raise FuseError("F108", f"--until {until} comes before --from {from_id} in the pipeline",
+                            file=self.p.path, fix="stage order: " + ", ".join(ids))
+        return self.p.stages[start:stop]
 
-    def run(self, from_id: str | None = None, only: str | None = None) -> dict:
-        selected = self.select(from_id, only)
+    def run(self, from_id: str | None = None, only: str | None = None, until: str | None = None) -> dict:
+        selected = self.select(from_id, only, until)
         self.lock()
         try:
             self.clean_temp()

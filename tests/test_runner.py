@@ -297,6 +297,28 @@ def test_from_and_only_resume_a_part(project):
     assert "[validate]" not in r.stderr and "[merge] fresh" in r.stderr
 
 
+def test_until_stops_after_a_stage_and_from_goes_on_from_there(project):
+    """The split-runner pattern: --until merge on one machine, --from publish on the next."""
+    r = fuse("run", "pipeline.yaml", "--until", "merge", cwd=project)
+    assert "[merge] running" in r.stderr and "[publish]" not in r.stderr and "2 stages, 2 ran" in r.stderr
+    assert not (project / "dist").exists()
+    r = fuse("run", "pipeline.yaml", "--from", "merge", "--until", "merge", cwd=project)
+    assert "[merge] fresh" in r.stderr and "[publish]" not in r.stderr and "[validate]" not in r.stderr
+    r = fuse("run", "pipeline.yaml", "--from", "publish", cwd=project)
+    assert "[publish] running" in r.stderr and "1 stages, 1 ran" in r.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--until", "nope"], "--until nope: no stage has that id"),
+    (["--from", "publish", "--until", "merge"], "--until merge comes before --from publish"),
+    (["--only", "merge", "--until", "merge"], "--only runs one stage"),
+])
+def test_until_that_selects_nothing_is_F108(project, args, says):
+    r = fuse("run", "pipeline.yaml", *args, cwd=project, check=False)
+    assert r.returncode == 2 and "F108" in r.stderr and says in r.stderr and "Traceback" not in r.stderr
+    assert not (project / "runs").exists()
+
+
 def test_editing_the_card_template_reruns_publish(project):
     """A file a parameter names (the card template) is part of the fingerprint, by content."""
     (project / "card.md").write_text("## Intended use\n\nSupport answers.\n")

@@ -3,7 +3,6 @@ each job in its own directory (a runner), the workdir handed from one to the oth
 upload-artifact / download-artifact with ``include-hidden-files: true`` would (``cp -a``).
 
 Every stage must end ``done``, and nothing the first runner did may run again on the second.
-The quantize stage does not exist yet: today the GPU job resumes with ``from: publish``.
 """
 from __future__ import annotations
 
@@ -18,12 +17,13 @@ import pytest
 import yaml
 
 from actionsim import ROOT, evaluate, run_action
-from factory import make_lora_adapter, make_tiny_model
+from factory import SENTENCES, make_lora_adapter, make_tiny_model
 
 EXAMPLE = ROOT / "examples/workflows/split-runner.yml"
 FUSE_ACTION = "fuse-llm/fuse@"
 
-# The example's pipeline.yaml (see its header), on a tiny Llama instead of SmolLM2.
+# The example's pipeline.yaml (see its header), on a tiny Llama instead of SmolLM2: 8 bits
+# and group 32 (hidden 64), calibrated on token ids (the tiny model has no tokenizer).
 PIPELINE = """\
 version: 1
 name: support-v2
@@ -33,8 +33,11 @@ workdir: runs/${name}
 stages:
   - validate
   - merge: {dtype: bfloat16}
-  - publish: {to: dir, path: "dist/${name}"}
+  - quantize: {method: gptq, bits: 8, group_size: 32, calibration: {dataset: calib.jsonl}}
+  - publish: {to: dir, path: "dist/${name}", from: merge}
+  - publish: {id: publish-gptq, to: dir, path: "dist/${name}-gptq", from: quantize}
 """
+STAGES = ["validate", "merge", "quantize", "publish", "publish-gptq"]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,9 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("split-inputs")
     import torch
 
-    make_tiny_model("llama", root / "base", dtype=torch.bfloat16)
+    make_tiny_model("llama", root / "base", dtype=torch.bfloat16, train_steps=60)
     make_lora_adapter(root / "base", root / "lora", target_modules=["q_proj", "v_proj"])
+    (root / "calib.jsonl").write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in SENTENCES * 4))
     return root
 
 
@@ -54,6 +58,7 @@ def checkout(runner: Path, inputs: Path):
     shutil.copytree(inputs / "base", runner / "models/base")
     shutil.copytree(inputs / "lora", runner / "outputs/lora")
     (runner / "pipeline.yaml").write_text(PIPELINE)
+    shutil.copy(inputs / "calib.jsonl", runner / "calib.jsonl")
 
 
 def job_order(jobs: dict) -> list[str]:
@@ -121,21 +126,22 @@ def test_split_runner_example_resumes_on_the_second_runner(tmp_path, inputs):
     last = json.loads((gpu / workdir / "manifest.json").read_text())
 
     # every stage done
-    assert {k: v["status"] for k, v in last["stages"].items()} == \
-        {"validate": "done", "merge": "done", "publish": "done"}
+    assert {k: v["status"] for k, v in last["stages"].items()} == {k: "done" for k in STAGES}
+    assert set(first["stages"]) == {"validate", "merge"}  # the CPU runner stopped after merge
     # what ran on the CPU runner was taken over as it was, not run again on the GPU runner
     for sid in ("validate", "merge"):
         for key in ("fingerprint", "finished_at", "output_digest"):
             assert last["stages"][sid][key] == first["stages"][sid][key], (sid, key)
     gpu_logs = "".join(log for job, _, log in logs if job == "gpu")
-    assert "[publish] running" in gpu_logs
+    assert "[quantize] running" in gpu_logs and "[publish-gptq] running" in gpu_logs
     assert "[validate] running" not in gpu_logs and "[merge] running" not in gpu_logs
-    assert (gpu / "dist/support-v2/SHA256SUMS").is_file() and not (cpu / "dist").exists()
+    assert (gpu / "dist/support-v2-gptq/SHA256SUMS").is_file() and not (cpu / "dist").exists()
+    assert not (cpu / workdir / "quantize").exists()
 
     # the second runner sees the whole pipeline fresh: a full run there runs nothing
     r = fuse("run", "pipeline.yaml", cwd=gpu)
     assert r.returncode == 0, r.stderr
-    assert "0 ran, 3 fresh and skipped" in r.stderr, r.stderr
+    assert f"0 ran, {len(STAGES)} fresh and skipped" in r.stderr, r.stderr
     r = fuse("verify", str(workdir), cwd=gpu)
     assert r.returncode == 0, r.stderr
 
