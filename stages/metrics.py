@@ -19,6 +19,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+THRESHOLD_PARAMS = ("max_abs_diff", "max_kl", "min_top1", "min_greedy", "max_ppl_ratio")
+
+
+def gate_params(*, test: str, ref: str, greedy_tokens: int, greedy_prompts: int, defaults: dict,
+                prefix: str = "gate: ", seed_help: str = "seed of the token-id prompts for a model without a "
+                                                             "tokenizer") -> dict:
+    """The parameters every gate declares (check, quantize, export): the prompts, greedy decoding and
+    the five thresholds, with each stage's own defaults. ``test``/``ref`` name the two models compared
+    (``"quantized"``, ``"merged"``); ``defaults`` says per threshold what applies when it is not set."""
+    from .pipeline import Param
+
+    return {
+        "prompts": Param(list, None, help=f"{prefix}evaluation prompts, strings (need the model's tokenizer) or "
+                                          "token-id lists (default: built-in text)"),
+        "seed": Param(int, 0, help=prefix + seed_help),
+        "greedy_tokens": Param(int, greedy_tokens, help=f"{prefix}tokens decoded greedily after a prompt"),
+        "greedy_prompts": Param(int, greedy_prompts, help=f"{prefix}how many prompts (the first ones) are decoded "
+                                                          "greedily"),
+        "max_abs_diff": Param(float, None, help=f"{prefix}largest allowed logit difference "
+                                                f"({defaults['max_abs_diff']})"),
+        "max_kl": Param(float, None, help=f"{prefix}largest allowed mean KL({ref} || {test}), nats "
+                                          f"({defaults['max_kl']})"),
+        "min_top1": Param(float, None, help=f"{prefix}smallest allowed top-1 agreement ({defaults['min_top1']})"),
+        "min_greedy": Param(float, None, help=f"{prefix}smallest allowed greedy agreement, mean matching prefix / "
+                                              f"greedy_tokens ({defaults['min_greedy']})"),
+        "max_ppl_ratio": Param(float, None, help=f"{prefix}largest allowed perplexity ratio {test} / {ref} "
+                                                 f"({defaults['max_ppl_ratio']})"),
+    }
+
 # unit roundoff u = 2^-p (p significant bits, round to nearest): |fl(x) - x| <= u·|x| for
 # every x in the normal range of the format.
 UNIT_ROUNDOFF = {"F64": 2.0 ** -53, "F32": 2.0 ** -24, "BF16": 2.0 ** -8, "F16": 2.0 ** -11}

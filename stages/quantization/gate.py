@@ -17,8 +17,8 @@ import random
 from pathlib import Path
 
 from ..findings import FuseError
+from ..metrics import THRESHOLD_PARAMS
 
-THRESHOLD_PARAMS = ("max_abs_diff", "max_kl", "min_top1", "min_greedy", "max_ppl_ratio")
 # Defaults. None: measured and recorded, not gated. Rationale and the numbers measured on the tiny
 # test models and SmolLM2-135M are in docs/quantize-export.md. Logit differences of weight-only
 # 4-bit models are dominated by a few outlier logits, so they are not gated by default: KL, top-1

@@ -30,6 +30,7 @@ import time
 import zlib
 from pathlib import Path
 
+from ..metrics import THRESHOLD_PARAMS, gate_params
 from ..pipeline import Param
 
 NAME = "check"
@@ -39,20 +40,12 @@ OUTPUT = "report"
 LIBS = ("torch", "transformers", "peft", "safetensors")
 PARAMS = {
     "probes": Param(int, 4, help="random ±1 probe vectors per merged tensor (0: no probe test)"),
-    "seed": Param(int, 0, help="seed of the probes and of the token-id prompts"),
     "logits_max_params": Param(int, 1_000_000_000, help="compare logits only for models with at most this many "
                                                         "parameters (0: never); needs ~4 bytes RAM per parameter"),
-    "prompts": Param(list, None, help="prompts for the logit comparison: strings (needs the model's tokenizer) or "
-                                      "lists of token ids; default: a built-in set"),
-    "greedy_tokens": Param(int, 16, help="tokens of greedy decoding compared after a prompt"),
-    "greedy_prompts": Param(int, 4, help="how many of the prompts (the first ones) are decoded greedily"),
-    "max_abs_diff": Param(float, None, help="largest allowed logit difference (default: by dtype)"),
-    "max_kl": Param(float, None, help="largest allowed mean KL(adapter model || merged), nats (default: by dtype)"),
-    "min_top1": Param(float, None, help="smallest allowed top-1 agreement (default: by dtype)"),
-    "min_greedy": Param(float, None, help="smallest allowed greedy agreement, mean matching prefix / greedy_tokens"),
-    "max_ppl_ratio": Param(float, None, help="largest allowed perplexity ratio merged / adapter model"),
+    **gate_params(test="merged", ref="adapter model", greedy_tokens=16, greedy_prompts=4, prefix="",
+                  seed_help="seed of the probes and of the token-id prompts",
+                  defaults={k: "default: by dtype" for k in THRESHOLD_PARAMS}),
 }
-THRESHOLD_PARAMS = ("max_abs_diff", "max_kl", "min_top1", "min_greedy", "max_ppl_ratio")
 BLOCK_BYTES = 32 << 20  # float32 bytes of one row block
 PROMPTS = [
     "The capital of France is",

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from ..findings import FuseError
+from ..metrics import THRESHOLD_PARAMS, gate_params
 from ..pipeline import Param
 
 NAME = "export"
@@ -50,15 +51,8 @@ PARAMS = {
                                        "exports ~40% faster (ONNX Runtime optimizes at load either way)"),
     "external_data": Param(str, "auto", choices=("auto", "always", "never"),
                            help="weights in model.onnx.data: auto (past ~2 GB), always, never"),
-    "prompts": Param(list, None, help="gate: evaluation prompts, strings or token-id lists (default: built-in text)"),
-    "seed": Param(int, 0, help="gate: seed of the token-id prompts for a model without a tokenizer"),
-    "greedy_tokens": Param(int, 8, help="gate: tokens decoded greedily (through the KV cache) after a prompt"),
-    "greedy_prompts": Param(int, 3, help="gate: how many prompts (the first ones) are decoded greedily"),
-    "max_abs_diff": Param(float, None, help="gate: largest allowed logit difference (default: 1e-3 for float32)"),
-    "max_kl": Param(float, None, help="gate: largest allowed mean KL(merged || ONNX), nats"),
-    "min_top1": Param(float, None, help="gate: smallest allowed top-1 agreement"),
-    "min_greedy": Param(float, None, help="gate: smallest allowed greedy agreement"),
-    "max_ppl_ratio": Param(float, None, help="gate: largest allowed perplexity ratio ONNX / merged"),
+    **gate_params(test="ONNX", ref="merged", greedy_tokens=8, greedy_prompts=3,
+                  defaults={k: "default by dtype and quantize" for k in THRESHOLD_PARAMS}),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".data")
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from ..findings import FuseError
+from ..metrics import gate_params
 from ..pipeline import Param
 
 NAME = "quantize"
@@ -50,15 +51,10 @@ PARAMS = {
     "cpu_max_minutes": Param(float, 30.0, help="on CPU, refuse when the estimated time is longer (0: no limit)"),
     "erase_warn": Param(float, 0.5, help="warn when more than this fraction of a layer's adapter update is smaller "
                                          "than the quantization step"),
-    "prompts": Param(list, None, help="gate: evaluation prompts, strings or token-id lists (default: built-in text)"),
-    "seed": Param(int, 0, help="gate: seed of the token-id prompts for a model without a tokenizer"),
-    "greedy_tokens": Param(int, 8, help="gate: tokens of greedy decoding compared after a prompt"),
-    "greedy_prompts": Param(int, 3, help="gate: how many prompts (the first ones) are decoded greedily"),
-    "max_abs_diff": Param(float, None, help="gate: largest allowed logit difference (default: not gated)"),
-    "max_kl": Param(float, None, help="gate: largest allowed mean KL(merged || quantized), nats (default by bits)"),
-    "min_top1": Param(float, None, help="gate: smallest allowed top-1 agreement (default by bits)"),
-    "min_greedy": Param(float, None, help="gate: smallest allowed greedy agreement (default: not gated)"),
-    "max_ppl_ratio": Param(float, None, help="gate: largest allowed perplexity ratio quantized / merged (default by bits)"),
+    **gate_params(test="quantized", ref="merged", greedy_tokens=8, greedy_prompts=3,
+                  defaults={"max_abs_diff": "default: not gated", "max_kl": "default by bits",
+                            "min_top1": "default by bits", "min_greedy": "default: not gated",
+                            "max_ppl_ratio": "default by bits"}),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 KEEP_OUTPUT = ("config.json", "quantize_config.json")  # written by the quantizer; everything else comes from the input
