@@ -8,10 +8,12 @@ from stages.findings import FuseError
 
 
 def read_json(path, code: str, *, fix: str | None = None):
-    """The file's data; a non-UTF-8 or invalid file is one finding naming it (and the line)."""
+    """The file's data; a missing, unreadable, non-UTF-8 or invalid file is one finding naming it (and the line)."""
     path = Path(path)
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise FuseError(code, f"{path.name} cannot be read: {e.strerror or e}", file=path, fix=fix) from None
     except UnicodeDecodeError as e:
         raise FuseError(code, f"{path.name} is not UTF-8 text ({e.reason} at byte {e.start})", file=path,
                         fix=fix) from None

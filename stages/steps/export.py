@@ -22,13 +22,13 @@ metrics). Thresholds default by variant (float32: max abs diff 1e-3); a miss fai
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from ..findings import FuseError
+from ..io.jsonfile import read_json
 from ..metrics import THRESHOLD_PARAMS, gate_params
 from ..pipeline import Param
 
@@ -93,7 +93,8 @@ def run(ctx) -> dict:
     out = Path(ctx.output_dir)
     log_file = ctx.workdir / "logs" / f"{sid}.log"
     log_file.unlink(missing_ok=True)
-    config = _config(src)
+    config = read_json(src / "config.json", "F205",
+                       fix="export reads a Hugging Face model directory (the merge's output)")
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
     started = time.perf_counter()
@@ -173,14 +174,6 @@ def run(ctx) -> dict:
                         fix="for int4/int8 try a smaller block_size or quantize: int8; for float16, float32; or relax "
                             f"the gate (--set {sid}.<threshold>=...)", metrics=metrics)
     return metrics
-
-
-def _config(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise FuseError("F205", f"{model_dir} has no readable config.json", file=str(model_dir),
-                        fix="export reads a Hugging Face model directory (the merge's output)") from None
 
 
 def _copy_side_files(src: Path, out: Path) -> None:

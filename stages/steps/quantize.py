@@ -21,13 +21,13 @@ metrics); a threshold missed fails the stage (F604) with every number in one mes
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 from ..findings import FuseError
+from ..io.jsonfile import read_json
 from ..metrics import gate_params
 from ..pipeline import Param
 
@@ -122,7 +122,8 @@ def run(ctx) -> dict:
     method, bits, group = p["method"], p["bits"], p["group_size"]
     sym = p["sym"] if p["sym"] is not None else method == "gptq"
     src = Path(ctx.input_dir)
-    config = _config(src)
+    config = read_json(src / "config.json", "F205",
+                       fix="quantize reads a Hugging Face model directory (the merge's output)")
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
     weights = ModelWeights.open(src)
@@ -177,14 +178,6 @@ def run(ctx) -> dict:
 
 
 # --------------------------------------------------------------------------- before
-
-
-def _config(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise FuseError("F205", f"{model_dir} has no readable config.json", file=str(model_dir),
-                        fix="quantize reads a Hugging Face model directory (the merge's output)") from None
 
 
 def _check_layers(layers, group: int, src: Path, sid: str) -> None:
