@@ -172,6 +172,11 @@ class Runner:
         extra = getattr(mod, "input_files", None)  # files a parameter names, e.g. a card template
         if extra:
             inputs["files"] = [self.cache.tree(Path(f))[0] for f in extra(s.params)]
+        other = getattr(mod, "READS_PARAMS_OF", {})  # another stage's parameters this one acts on
+        for name, keys in other.items():
+            target = next((t for t in self.p.stages if t.name == name), None)
+            if target is not None:
+                inputs.setdefault("stage_params", {}).update({f"{target.id}.{k}": target.params.get(k) for k in keys})
         return {
             "stage": s.name,
             "version": mod.VERSION,
@@ -372,6 +377,10 @@ def _why_changed(old: dict, new: dict) -> str:
         return f"parameter {k} changed ({op.get(k)!r} → {np_.get(k)!r})" if len(changed) == 1 else \
             "parameters changed: " + ", ".join(changed)
     oi, ni = old.get("inputs", {}), new.get("inputs", {})
+    os_, ns = oi.get("stage_params", {}), ni.get("stage_params", {})
+    moved = sorted(k for k in set(os_) | set(ns) if os_.get(k) != ns.get(k))
+    if moved:
+        return f"parameter {moved[0]} changed ({os_.get(moved[0])!r} → {ns.get(moved[0])!r})"
     for key in ("upstream", "base", "adapters", "files"):
         if oi.get(key) != ni.get(key) and key in ni:
             return {"upstream": "upstream output changed", "base": "base model changed",

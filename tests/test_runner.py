@@ -319,6 +319,19 @@ def test_until_that_selects_nothing_is_F108(project, args, says):
     assert not (project / "runs").exists()
 
 
+def test_validate_reruns_when_the_merge_method_it_plans_for_changes(project):
+    """validate plans the merge that merge will do: merge's method is part of its fingerprint, merge's
+    dtype is not (the plan does not depend on it)."""
+    fuse("run", "pipeline.yaml", cwd=project)
+    r = fuse("run", "pipeline.yaml", "--set", "merge.dtype=float16", cwd=project)
+    assert "[validate] fresh" in r.stderr and "[merge] running" in r.stderr
+    r = fuse("run", "pipeline.yaml", "--set", "merge.dtype=float16", "--set", "merge.method=ties", cwd=project,
+             check=False)
+    assert "[validate] running: parameter merge.method changed ('linear' → 'ties')" in r.stderr, r.stderr
+    assert r.returncode != 0 and "F104" in r.stderr and "needs density" in r.stderr  # caught before merging
+    assert "[merge]" not in r.stderr
+
+
 def test_editing_the_card_template_reruns_publish(project):
     """A file a parameter names (the card template) is part of the fingerprint, by content."""
     (project / "card.md").write_text("## Intended use\n\nSupport answers.\n")

@@ -33,6 +33,9 @@ VERSION = 2
 INPUT = ()
 OUTPUT = "report"
 LIBS = ("safetensors", "peft")
+# validate plans the merge the merge stage will follow: its combination method decides what is
+# refused (e.g. TIES for a family with no additive update), so it is part of validate's fingerprint
+READS_PARAMS_OF = {"merge": ("method", "density", "seed")}
 PARAMS = {
     "strict": Param(bool, False, help="treat warnings as errors"),
     "allow_base_mismatch": Param(bool, False, help="merge even when the base's config differs from the one the "
