@@ -27,15 +27,13 @@ KEY_METRICS = (
     ("tensors_merged", "tensors merged", "int"),
     ("tensors_updated", "tensors updated", "int"),
     ("adapter_tensors", "adapter tensors", "int"),
-    ("max_abs_diff", "max logit diff", "float"),          # check: merged vs base + adapter
-    ("max_logit_diff", "max logit diff", "float"),
+    ("logits_max_abs_diff", "max logit diff", "float"),   # check: merged vs base + adapter
+    ("logits_kl_mean", "mean KL", "float"),
+    ("logits_top1_agreement", "top-1 agreement", "float"),
+    ("max_abs_diff", "max logit diff", "float"),          # quantize, export: vs the merged model
     ("kl_mean", "mean KL", "float"),
     ("top1_agreement", "top-1 agreement", "float"),
     ("ppl_ratio", "perplexity ratio", "float"),
-    ("drift", "quantization drift", "float"),             # quantize
-    ("quant_drift", "quantization drift", "float"),
-    ("onnx_max_abs_diff", "ONNX diff", "float"),          # export
-    ("onnx_max_diff", "ONNX diff", "float"),
     ("bytes_uploaded", "uploaded", "bytes"),              # publish
     ("bytes_copied", "sent", "bytes"),
     ("bytes_written", "written", "bytes"),

@@ -227,6 +227,10 @@ def test_key_numbers_prefer_what_a_reader_looks_for():
     nums = report.key_numbers({"seconds": 3.2, "tensors_copied": 10, "files_unchanged": 0, "bytes_written": 272585537,
                                "tensors_merged": 60, "max_abs_diff": 0.0123})
     assert nums == ["tensors merged 60", "max logit diff 0.0123", "written 272.6 MB"]
+    # check's metrics (merged vs base + adapter) come first, over its tensor-level numbers
+    check = {"delta_cos_min": 0.97, "delta_retained_min": 0.998, "logits_max_abs_diff": 0.169,
+             "logits_kl_mean": 4.2e-05, "logits_top1_agreement": 1.0, "probe_tensors": 60}
+    assert report.key_numbers(check) == ["max logit diff 0.169", "mean KL 4.20e-05", "top-1 agreement 1"]
 
 
 def test_published_urls_prefer_the_pinned_commit():
