@@ -62,7 +62,7 @@ CODES = {
     "F508": "publish target settings differ from the pipeline",
     # quantize and export
     "F601": "quantization would take too long or need too much memory here",
-    "F602": "quantizer or exporter missing or failed",
+    "F602": "optional packages of a stage missing, or the quantizer/exporter failed",
     "F603": "calibration data invalid",
     "F604": "quantized model fails its quality gate",
     "F605": "adapter update smaller than the quantization step",

@@ -230,6 +230,7 @@ class Runner:
         try:
             self.clean_temp()
             self.open()
+            self._check_requirements(selected)
             started = False
             summary = {}
             for s in selected:
@@ -251,6 +252,27 @@ class Runner:
             return summary
         finally:
             self.unlock()
+
+    def _check_requirements(self, selected: list[StageSpec]) -> None:
+        """Before any stage runs: every stage that will run has its optional packages (quantize needs
+        gptqmodel, export onnxruntime...), so a missing extra is not found after an hour of merging.
+        Stages that are fresh now, before the first one that will run, are skipped and need nothing."""
+        missing = {s.id: [(m, extra) for m, extra in getattr(s.module, "requires", lambda p: {})(s.params).items()
+                          if not _installed(m)] for s in selected}
+        if not any(missing.values()):
+            return
+        first_to_run = next((i for i, s in enumerate(selected) if self.force or not self.evaluate(s).fresh), None)
+        need = {s.id: missing[s.id] for s in selected[first_to_run or 0:] if missing[s.id]}
+        if first_to_run is None or not need:
+            return
+        stage = self.p.stage(next(iter(need)))
+        mods = sorted({f"{m} (fuse-llm[{extra}])" for ms in need.values() for m, extra in ms})
+        extras = ",".join(sorted({extra for ms in need.values() for _, extra in ms}))
+        raise FuseError("F602", f"stage{'s' if len(need) > 1 else ''} {', '.join(need)} need"
+                        f"{'' if len(need) > 1 else 's'} packages that are not installed: {', '.join(mods)}",
+                        file=self.p.path, line=stage.line, key=stage.id,
+                        fix=f"pip install 'fuse-llm[{extras}]' (or run the stages before it here and the rest "
+                            "where they are installed: --until / --from)")
 
     def _check_upstream_done(self, s: StageSpec, selected: list[StageSpec]):
         up = upstream_of(s, self.p.stages) if s.module.INPUT else None
@@ -428,3 +450,16 @@ def _gb(n: int) -> str:
 def _short_metrics(m: dict) -> str:
     items = [f"{k}={v}" for k, v in m.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
     return ", ".join(items[:6])
+
+
+def _installed(module: str) -> bool:
+    """Importable without importing it (a None in sys.modules means "blocked", as import treats it)."""
+    import importlib.util
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

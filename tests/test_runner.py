@@ -332,6 +332,31 @@ def test_validate_reruns_when_the_merge_method_it_plans_for_changes(project):
     assert "[merge]" not in r.stderr
 
 
+def test_a_missing_extra_stops_the_run_before_any_stage_and_only_where_a_stage_will_run(project, monkeypatch):
+    """export needs onnxscript (fuse-llm[export]): without it the run stops before validate and merge,
+    naming the stage, the package and the pip command; once export is fresh, nothing needs it."""
+    import stages
+    from stages.findings import FuseError
+
+    write_pipeline(project, text=PIPELINE + "  - export: {{with_past: false, optimize: false}}\n")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # what import does with it: ImportError
+    with pytest.raises(FuseError) as e:
+        stages.run(project / "pipeline.yaml", log=lambda *a: None)
+    f = e.value.finding
+    assert f.code == "F602" and f.key == "export" and f.line == 10, f
+    assert "onnxscript (fuse-llm[export])" in f.message and "pip install 'fuse-llm[export]'" in f.fix
+    assert not (project / "runs/tiny/merge").exists() and not (project / "runs/tiny/validate").exists()
+    assert stages.run(project / "pipeline.yaml", until="merge", log=lambda *a: None) == \
+        {"validate": "done", "merge": "done"}  # the stages before it run here (split across machines)
+
+    monkeypatch.delitem(sys.modules, "onnxscript")
+    assert stages.run(project / "pipeline.yaml", log=lambda *a: None)["export"] == "done"
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    assert set(stages.run(project / "pipeline.yaml", log=lambda *a: None).values()) == {"skipped"}
+    with pytest.raises(FuseError):
+        stages.run(project / "pipeline.yaml", only="export", force=True, log=lambda *a: None)
+
+
 def test_editing_the_card_template_reruns_publish(project):
     """A file a parameter names (the card template) is part of the fingerprint, by content."""
     (project / "card.md").write_text("## Intended use\n\nSupport answers.\n")

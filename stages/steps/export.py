@@ -54,6 +54,13 @@ PARAMS = {
     **gate_params(test="ONNX", ref="merged", greedy_tokens=8, greedy_prompts=3,
                   defaults={k: "default by dtype and quantize" for k in THRESHOLD_PARAMS}),
 }
+
+
+def requires(params) -> dict:
+    """Modules this stage imports that the base install lacks -> the extra that brings them."""
+    return {"onnx": "export", "onnxscript": "export", "onnxruntime": "export"}
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".data")
 
 

@@ -33,6 +33,11 @@ PARAMS = {
 }
 
 
+def requires(params) -> dict:
+    """Modules this stage imports that the base install lacks -> the extra that brings them."""
+    return {"bitsandbytes": "qlora"} if params.get("base_precision") == "nf4" else {}
+
+
 def parse_size(text: str, key: str = "merge.max_shard_size") -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
     from ..findings import FuseError

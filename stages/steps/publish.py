@@ -47,6 +47,13 @@ PARAMS = {
     "endpoint": Param(str, None, help="Hub endpoint (default HF_ENDPOINT or huggingface.co) or S3 endpoint URL"),
     "card": Param("path", None, help="model card template (Markdown): its sections replace or extend Fuse's"),
 }
+
+
+def requires(params) -> dict:
+    """Modules this stage imports that the base install lacks -> the extra that brings them."""
+    return {"boto3": "s3"} if params.get("to") == "s3" else {}
+
+
 # which parameters belong to which target (the others must stay unset)
 TARGET_PARAMS = {
     "dir": {"path"},

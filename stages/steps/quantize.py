@@ -56,6 +56,13 @@ PARAMS = {
                             "min_top1": "default by bits", "min_greedy": "default: not gated",
                             "max_ppl_ratio": "default by bits"}),
 }
+
+
+def requires(params) -> dict:
+    """Modules this stage imports that the base install lacks -> the extra that brings them."""
+    return {"gptqmodel": "quantize", "optimum": "quantize"}
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 KEEP_OUTPUT = ("config.json", "quantize_config.json")  # written by the quantizer; everything else comes from the input
 
