@@ -39,7 +39,8 @@ INPUT = ("hf-model",)
 OUTPUT = "report"
 LIBS = ("torch", "transformers", "peft", "safetensors")
 PARAMS = {
-    "probes": Param(int, 4, help="random ±1 probe vectors per merged tensor (0: no probe test)"),
+    "probes": Param(int, 16, help="random ±1 probe vectors per merged tensor (0: no probe test); the mean-square "
+                                  "test's bound tightens with more (docs/validation.md)"),
     "logits_max_params": Param(int, 1_000_000_000, help="compare logits only for models with at most this many "
                                                         "parameters (0: never); needs ~4 bytes RAM per parameter"),
     **gate_params(test="merged", ref="adapter model", greedy_tokens=16, greedy_prompts=4, prefix="",
