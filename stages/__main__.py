@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(su)
     su.set_defaults(func=cmd_summary)
 
+    pa = sub.add_parser("params", help="every parameter of each stage (or of the stages named), as markdown")
+    pa.add_argument("stages", nargs="*", metavar="STAGE")
+    pa.set_defaults(func=cmd_params)
+
     m = sub.add_parser("merge", help="one-shot merge of BASE + ADAPTER into OUT, no pipeline")
     m.add_argument("base")
     m.add_argument("adapter")
@@ -206,6 +210,16 @@ def cmd_verify(args) -> int:
     if problems:
         return EXIT_FAILED
     print(f"fuse: every recorded output in {workdir} matches its sha256", file=sys.stderr)
+    return 0
+
+
+def cmd_params(args) -> int:
+    from .pipeline import STAGE_MODULES, params_reference
+
+    unknown = [n for n in args.stages if n not in STAGE_MODULES]
+    if unknown:
+        raise FuseError("F108", f"no stage named {unknown[0]!r}", fix="stages: " + ", ".join(STAGE_MODULES))
+    print(params_reference(args.stages or None))
     return 0
 
 

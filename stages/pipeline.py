@@ -45,6 +45,24 @@ class Param:
         return name
 
 
+def params_reference(names=None) -> str:
+    """Every stage's parameters as markdown (type, default, allowed values, help), from the stage
+    modules' ``PARAMS``: ``python -m stages params`` prints it, docs/pipeline.md embeds it."""
+    out = []
+    for name in names or STAGE_MODULES:
+        out += [f"### `{name}`", "", "| parameter | type | default | |", "|---|---|---|---|"]
+        for key, spec in stage_module(name).PARAMS.items():
+            kind = "path" if spec.type == "path" else getattr(spec.type, "__name__", str(spec.type))
+            default = "required" if spec.default is REQUIRED else "—" if spec.default is None else \
+                f"`{str(spec.default).lower() if isinstance(spec.default, bool) else spec.default}`"
+            text = spec.help.replace("|", "/")
+            if spec.choices:
+                text += ("; " if text else "") + "one of " + ", ".join(f"`{c}`" for c in spec.choices)
+            out.append(f"| `{key}` | {kind} | {default} | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
 COMMON_PARAMS = {
     "id": Param(str, None, help="unique id of this step (default: the stage name)"),
     "from": Param(str, None, help="id of the upstream step whose output this step reads"),

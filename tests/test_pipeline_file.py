@@ -210,3 +210,23 @@ def test_the_example_pipeline_loads(tmp_path, monkeypatch):
     assert p.base == "Qwen/Qwen2.5-7B-Instruct"
     assert [s.name for s in p.stages] == ["validate", "merge", "check", "quantize", "publish", "publish"]
     assert p.stage("publish-gptq").from_id == "quantize"
+
+
+def test_docs_stage_parameters_are_generated_from_the_stage_modules():
+    """docs/pipeline.md embeds `python -m stages params`: a parameter added, renamed or given a new
+    default in code without the docs fails here."""
+    from stages.pipeline import params_reference
+
+    text = (Path(__file__).resolve().parents[1] / "docs/pipeline.md").read_text()
+    embedded = text.split("<!-- params:begin -->\n", 1)[1].split("<!-- params:end -->", 1)[0]
+    assert embedded == params_reference(), \
+        "docs/pipeline.md is stale: replace the params block with the output of `python -m stages params`"
+
+
+def test_params_command_prints_a_stage_and_refuses_an_unknown_one(tmp_path):
+    from cli import fuse
+
+    r = fuse("params", "quantize", cwd=tmp_path)
+    assert r.returncode == 0 and "| `group_size` | int | `128` |" in r.stdout and "### `merge`" not in r.stdout
+    r = fuse("params", "quantise", cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "F108" in r.stderr and "Traceback" not in r.stderr
