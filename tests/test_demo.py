@@ -124,7 +124,16 @@ def test_demo_gptq_model_loads_with_plain_transformers(demo):
     root, _ = demo
     quantized_dir = root / "dist" / f"{NAME}-gptq-8bit"
     config = json.loads((quantized_dir / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "gptq" and config["quantization_config"]["bits"] == 8
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 8 and qc["checkpoint_format"] == "gptq"
+    # vLLM's GPTQ kernels read desc_act: false as "groups in column order"; GPTQModel's default
+    # act_group_aware must not have permuted them
+    from safetensors import safe_open
+
+    with safe_open(quantized_dir / "model.safetensors", "pt") as f:
+        g_idx = [f.get_tensor(k) for k in f.keys() if k.endswith(".g_idx")]
+    assert not qc["desc_act"] and len(g_idx) == 210
+    assert all(torch.equal(g.long(), torch.arange(g.numel()) // qc["group_size"]) for g in g_idx)
     ids = _prompt_ids(root / "dist" / NAME)
     merged = AutoModelForCausalLM.from_pretrained(root / "dist" / NAME, dtype=torch.float32).eval()
     quantized = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map="cpu").eval()
