@@ -115,6 +115,8 @@ def family_configs():
         "oft": lambda t: OFTConfig(r=0, oft_block_size=8, target_modules=t),
         "oft_cayley": lambda t: OFTConfig(r=4, oft_block_size=0, target_modules=t, use_cayley_neumann=False,
                                           block_share=False),
+        "oft_share": lambda t: OFTConfig(r=0, oft_block_size=16, target_modules=t, block_share=True,
+                                         num_cayley_neumann_terms=3),
         "boft": lambda t: BOFTConfig(boft_block_size=8, target_modules=t),
         "vera": lambda t: VeraConfig(r=8, target_modules=t, save_projection=False, projection_prng_key=7),
         "vera_saved": lambda t: VeraConfig(r=8, target_modules=t, save_projection=True),
@@ -136,8 +138,8 @@ def qwen2_bf16(tmp_path_factory):
 
 # ---------------------------------------------------------------- families vs peft
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "ia3", "oft", "oft_cayley", "boft", "vera", "vera_saved",
-                                  "adalora"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "ia3", "oft", "oft_cayley", "oft_share", "boft", "vera",
+                                  "vera_saved", "adalora"])
 def test_family_matches_peft(llama, tmp_path, kind):
     adapter = make_peft_adapter(llama, tmp_path / "a", family_configs()[kind](ATTN_MLP), seed=4)
     report = check_family(llama, adapter, tmp_path, min_changed=3)
@@ -201,6 +203,103 @@ def test_gpt2_conv1d_families(tmp_path, kind):
     check_family(base, adapter, tmp_path, min_changed=2)
 
 
+# ---------------------------------------------------------------- OFT / BOFT: R in strips
+
+def wide_llama(out_dir, intermediate: int) -> Path:
+    """A one-layer Llama whose down_proj has ``intermediate`` in_features."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=64, intermediate_size=intermediate,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def check_coft(base, adapter, tmp_path, dtype):
+    """coft: peft's forward projects oft_R in place (OFTRotationModule.forward), so its merge after a
+    forward projects the saved weights twice (117 ulps apart here). The oracle is the merge of the
+    adapter as loaded (one projection, as Fuse), and in float32 the unmerged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merge_model(base, [(adapter, 1.0)], tmp_path / "out")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter)
+    with torch.no_grad():
+        assert_matches(tmp_path / "out", loaded.merge_and_unload().state_dict(), base=base)
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits_of(tmp_path / "out"), peft_merged(base, adapter)[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["oft", "oft_cayley", "oft_share", "oft_coft", "oft_embedding", "boft"])
+def test_rotations_in_strips_match_peft(llama, qwen2_bf16, tmp_path, monkeypatch, kind, dtype):
+    """R is built 16 rows (columns, for an embedding) at a time here, several strips per tensor; every
+    strip is multiplied over all of in_features, so the merge is peft's dense product."""
+    from peft import OFTConfig
+
+    import stages.peft.oft as oft
+
+    monkeypatch.setattr(oft, "STRIP_BYTES", 0)
+    monkeypatch.setattr(oft, "STRIP_ALIGN", 16)
+    base = llama if dtype == torch.float32 else qwen2_bf16
+    targets = ["embed_tokens", "q_proj"] if kind == "oft_embedding" else ["q_proj", "k_proj", "down_proj"]
+    if kind == "oft_coft":
+        config = OFTConfig(r=0, oft_block_size=8, target_modules=targets, coft=True, eps=0.2)
+        return check_coft(base, make_peft_adapter(base, tmp_path / "a", config, seed=8), tmp_path, dtype)
+    config = family_configs()["oft" if kind == "oft_embedding" else kind](targets)
+    report = check_family(base, make_peft_adapter(base, tmp_path / "a", config, seed=8), tmp_path, dtype=dtype)
+    assert report.metrics["tensors_merged"] == len(targets)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_oft_block_rotate_is_the_dense_product(monkeypatch, threads):
+    """The BLAS property OFT and BOFT rely on, checked directly: R's strips (64-aligned; an unaligned
+    remainder on one thread) multiplied over all of in_features give the bits of the product with the
+    dense R, with any thread count; if a BLAS update breaks that, this says so first."""
+    import stages.peft.oft as oft
+
+    monkeypatch.setattr(oft, "STRIP_BYTES", 0)  # strips of 64
+    gen = torch.Generator().manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_f, n, b in [(256, 2048, 128), (77, 1100, 4), (300, 1544, 8)]:
+            blocks = torch.linalg.qr(torch.randn(n // b, b, b, generator=gen))[0]
+            W = torch.randn(out_f, n, generator=gen)
+            for R in (blocks, blocks[:1]):  # one block: shared
+                dense = torch.block_diag(*R.expand(n // b, b, b))
+                assert torch.equal(oft.block_rotate(W, R), torch.mm(dense, W.t()).t()), (out_f, n, b)
+                assert torch.equal(oft.block_rotate(W, R, embedding=True), torch.mm(W, dense)), (out_f, n, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind,block", [("oft", 8), ("oft", 128), ("boft", 128)])
+def test_rotation_of_a_wide_layer_matches_peft(tmp_path, kind, block):
+    """in_features 2048: R is built in strips of 512 rows with the default STRIP_BYTES. Blocks of 128
+    cross MKL's 192-wide panels, where b x b products per block would differ from peft."""
+    from peft import BOFTConfig, OFTConfig
+
+    base = wide_llama(tmp_path / "base", 2048)
+    config = OFTConfig(r=0, oft_block_size=block, target_modules=["down_proj"]) if kind == "oft" else \
+        BOFTConfig(boft_block_size=block, target_modules=["down_proj"])
+    check_family(base, make_peft_adapter(base, tmp_path / "a", config, seed=9), tmp_path)
+
+
+@slow[0]
+@slow[1]
+@pytest.mark.parametrize("block", [8, 256])
+def test_oft_on_a_16384_wide_layer_matches_peft(tmp_path, block):
+    """A down_proj 16384 wide (peft's dense R: 1 GiB): 256 strips of 64 rows."""
+    from peft import OFTConfig
+
+    base = wide_llama(tmp_path / "base", 16384)
+    config = OFTConfig(r=0, oft_block_size=block, target_modules=["down_proj"])
+    check_family(base, make_peft_adapter(base, tmp_path / "a", config, seed=10), tmp_path)
+
+
 # ---------------------------------------------------------------- convolutions
 
 def conv_inputs():
@@ -208,11 +307,17 @@ def conv_inputs():
     return torch.randn(2, 8, 5, generator=gen), torch.randn(2, 8, 6, 6, generator=gen)
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr", "ia3", "oft", "boft"])
-def test_conv_layers_match_peft(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr", "ia3", "oft", "boft", "oft-strips", "boft-strips"])
+def test_conv_layers_match_peft(tmp_path, monkeypatch, kind):
     from peft import (BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftModel,
                       get_peft_model)
 
+    if kind.endswith("-strips"):  # R of conv2 (in·k·k = 72) in strips of 16 rows (and 24)
+        import stages.peft.oft as oft
+
+        monkeypatch.setattr(oft, "STRIP_BYTES", 0)
+        monkeypatch.setattr(oft, "STRIP_ALIGN", 16)
+        kind = kind.removesuffix("-strips")
     base = make_conv_model(tmp_path / "conv", seed=1)
     conv2d = ["conv2", "point"]
     config = {

@@ -2,7 +2,8 @@
 
 - Peak memory (whole-process RSS, measured in a fresh process, ``import torch`` included)
   does not grow with the model: a 16x larger model with a 128 MB LoRA-merged lm_head peaks
-  within a few buffers of the small one, and under the default 600 MB budget.
+  within a few buffers of the small one, and under the default 600 MB budget; so do OFT and BOFT
+  on a 16384-wide down_proj, whose dense rotation alone (peft's way) would take 1 GiB.
 - Merging in row chunks gives the same bytes as merging whole tensors, for every update kind
   that is chunked (the buffers are shrunk so the tiny test models are split).
 - The BLAS property row chunking relies on, checked directly: a row of ``B @ A`` does not depend
@@ -65,14 +66,14 @@ def llama_like(out: Path, vocab: int, hidden: int, layers: int, seed: int) -> tu
 PEAK = textwrap.dedent("""
     import json, sys
     from stages.peft.merge import merge_model
-    report = merge_model(sys.argv[1], [(sys.argv[2], 1.0)], sys.argv[3])
+    report = merge_model(sys.argv[1], [(a, 1.0) for a in sys.argv[3:]], sys.argv[2])
     status = open("/proc/self/status").read().split("VmHWM:")[1].split()
     print(json.dumps({"peak": int(status[0]) * 1024, "merged": report.metrics["tensors_merged"]}))
 """)
 
 
-def peak_of(base: Path, adapter: Path, out: Path) -> dict:
-    r = subprocess.run([sys.executable, "-c", PEAK, str(base), str(adapter), str(out)], cwd=ROOT,
+def peak_of(base: Path, adapter: Path, out: Path, *more: Path) -> dict:
+    r = subprocess.run([sys.executable, "-c", PEAK, str(base), str(out), str(adapter), *map(str, more)], cwd=ROOT,
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -88,6 +89,46 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path):
     # (~640 MB); streaming adds at most its buffers (a few x 16 MiB) and the LoRA factors.
     assert b["peak"] - s["peak"] < 120e6, (s, b)
     assert b["peak"] < engine.DEFAULT_MEMORY_BUDGET, b
+
+
+def wide_rotations(out: Path, wide: int = 16384, hidden: int = 64) -> tuple[Path, Path, Path]:
+    """A bf16 Llama-shaped checkpoint whose down_proj has ``wide`` in_features, and an OFT and a BOFT
+    adapter (blocks of 8) on it, written directly: peft's BOFT layer alone would hold two dense
+    wide x wide matrices while making one."""
+    from peft import BOFTConfig, OFTConfig
+
+    gen = torch.Generator().manual_seed(3)
+    base = out / "base"
+    base.mkdir(parents=True)
+    shapes = {"model.embed_tokens.weight": (256, hidden), "lm_head.weight": (256, hidden),
+              "model.norm.weight": (hidden,), "model.layers.0.mlp.down_proj.weight": (hidden, wide)}
+    save_file({k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in shapes.items()},
+              base / "model.safetensors", metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False,
+                                                  "vocab_size": 256, "hidden_size": hidden}))
+    key = "base_model.model.model.layers.0.mlp.down_proj."
+    adapters = []
+    for config, tensors in [
+            (OFTConfig(r=0, oft_block_size=8, target_modules=["down_proj"]), {"oft_R.weight": (wide // 8, 28)}),
+            (BOFTConfig(boft_block_size=8, target_modules=["down_proj"]),
+             {"boft_R": (1, wide // 8, 8, 8), "boft_s": (hidden, 1)})]:
+        path = out / config.peft_type.value.lower()
+        config.save_pretrained(path)
+        save_file({key + k: torch.randn(s, generator=gen) * 0.1 + (k == "boft_s") for k, s in tensors.items()},
+                  path / "adapter_model.safetensors", metadata={"format": "pt"})
+        adapters.append(path)
+    return base, *adapters
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
+def test_rotations_of_a_wide_layer_stay_in_budget(tmp_path):
+    """OFT then BOFT on a down_proj with in_features 16384: peft's dense R (1 GiB in float32; BOFT's
+    layer holds two more) would pass the default budget alone; Fuse builds R a few rows at a time
+    (stages/peft/oft.py). Measured: 1.68 GB (OFT) and 4.9 GB (BOFT) peaks before, ~0.47 GB after."""
+    base, oft, boft = wide_rotations(tmp_path)
+    p = peak_of(base, oft, tmp_path / "out", boft)
+    assert p["merged"] == 1
+    assert p["peak"] < engine.DEFAULT_MEMORY_BUDGET, p
 
 
 # ---------------------------------------------------------------- row chunks are exact

@@ -1,6 +1,12 @@
 """BOFT (butterfly orthogonal fine-tuning): W' = (R_butterfly @ W^T)^T * boft_s, R the product of
-butterfly-permuted block-diagonal Cayley rotations. A function of W0, so it is merged with peft's
-own ``BOFTLayer.merge`` (peft/tuners/boft/layer.py: Linear, Conv2d), built per module.
+butterfly-permuted block-diagonal Cayley rotations. A function of W0.
+
+With ``boft_n_butterfly_factor: 1`` there is one factor and its permutation is the identity
+(``block_butterfly_perm`` returns ``arange``), so R is block-diagonal as in OFT: the blocks come
+from peft's own ``BOFTLayer.cayley_batch`` and R is applied as OFT's is (:func:`oft.block_rotate`,
+a strip of rows at a time, peft's numbers). peft's layer is not built: it holds its permutation
+as a dense in×in matrix (two, while building it) and multiplies R by it twice; products with an
+identity change no value.
 
 peft without its CUDA extension (any CPU) merges only ``boft_n_butterfly_factor: 1``, and so
 does Fuse; larger factors are refused with that reason.
@@ -46,17 +52,14 @@ def make_update(index, adapter, module, param, roles, target, ctx=None):
                   weight=adapter.weight, extra={"layout": lay})
 
 
-def build_layer(W, update, t, adapter):
-    from peft.tuners.boft import layer as L
-
-    from stages.peft.layers import peft_config, peft_layer
-
-    lay = update.extra["layout"]
-    cls = {"linear": L.Linear, "conv2d": L.Conv2d}[lay]
-    return peft_layer(cls, W, lay, update, t, config=peft_config(adapter))
-
-
 def apply(W, W0, update, t, adapter=None):
-    from stages.peft.layers import apply_layer
+    import torch
+    from peft.tuners.boft.layer import BOFTLayer
 
-    return apply_layer(build_layer, W, update, t, adapter)
+    from stages.peft.oft import block_rotate
+
+    R = t["boft_R"]
+    with torch.no_grad():  # cayley_batch reads nothing from the layer
+        blocks = BOFTLayer.cayley_batch(None, R.reshape(-1, R.shape[-2], R.shape[-1]))
+    flat = W.reshape(W.shape[0], -1)  # Conv2d: peft's view (out, in·k·k)
+    return (block_rotate(flat, blocks) * t["boft_s"].reshape(-1, 1)).view(W.shape)

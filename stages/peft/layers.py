@@ -1,7 +1,7 @@
 """Reuse peft's own layer classes, one module at a time, for the exact update.
 
-A family whose math lives in peft's layer code (LoHa, LoKr, IA3, OFT, BOFT, VeRA,
-AdaLoRA, LoRA on convolutions) does not re-derive it: :func:`peft_layer` wraps the
+A family whose math lives in peft's layer code (LoHa, LoKr, IA3, VeRA, AdaLoRA, LoRA
+on convolutions; OFT and BOFT take their rotation blocks from it) does not re-derive it: :func:`peft_layer` wraps the
 float32 base tensor in a throwaway ``nn.Linear`` / ``nn.ConvNd`` / ``nn.Embedding`` /
 transformers ``Conv1D`` (built on the meta device, so nothing is allocated but the
 tensor we already hold), builds peft's layer around it with the adapter's own config,
