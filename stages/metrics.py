@@ -19,9 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-THRESHOLD_PARAMS = ("max_abs_diff", "max_kl", "min_top1", "min_greedy", "max_ppl_ratio")
-
-
 def gate_params(*, test: str, ref: str, greedy_tokens: int, greedy_prompts: int, defaults: dict,
                 prefix: str = "gate: ", seed_help: str = "seed of the token-id prompts for a model without a "
                                                              "tokenizer") -> dict:
@@ -69,6 +66,7 @@ THRESHOLDS = {
     "min_greedy": ("greedy_agreement", "min"),
     "max_ppl_ratio": ("ppl_ratio", "max"),
 }
+THRESHOLD_PARAMS = tuple(THRESHOLDS)  # the stage parameters every gate declares
 
 
 def unit_roundoff(dtype) -> float:
