@@ -424,7 +424,7 @@ def gguf_to_hf_in_subprocess(gguf_path, out_dir, *, dtype="auto") -> None:
                         + " / ".join(tail), file=gguf_path,
                         fix="run python -m stages.io.gguf IN.gguf OUT_DIR to see the whole output") from None
     raise FuseError(f["code"], f["message"], file=f.get("file"), line=f.get("line"), key=f.get("key"),
-                    fix=f.get("fix"))
+                    fix=f.get("fix"), **f.get("extra", {}))
 
 
 def _main(argv=None) -> int:  # python -m stages.io.gguf [--finding-json] IN.gguf OUT_DIR [dtype]
@@ -439,9 +439,8 @@ def _main(argv=None) -> int:  # python -m stages.io.gguf [--finding-json] IN.ggu
     try:
         gguf_to_hf(args[0], args[1], dtype=args[2] if len(args) == 3 else "auto")
     except FuseError as e:
-        f = e.finding
-        print(json.dumps({"code": f.code, "message": f.message, "file": f.file, "line": f.line, "key": f.key,
-                          "fix": f.fix}) if as_json else f.line_text(), file=sys.stdout if as_json else sys.stderr)
+        print(json.dumps(e.finding.to_dict()) if as_json else e.finding.line_text(),
+              file=sys.stdout if as_json else sys.stderr)
         return 1
     return 0
 
