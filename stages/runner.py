@@ -262,8 +262,10 @@ class Runner:
         if not any(missing.values()):
             return
         first_to_run = next((i for i, s in enumerate(selected) if self.force or not self.evaluate(s).fresh), None)
-        need = {s.id: missing[s.id] for s in selected[first_to_run or 0:] if missing[s.id]}
-        if first_to_run is None or not need:
+        if first_to_run is None:
+            return
+        need = {s.id: missing[s.id] for s in selected[first_to_run:] if missing[s.id]}
+        if not need:
             return
         stage = self.p.stage(next(iter(need)))
         mods = sorted({f"{m} (fuse-llm[{extra}])" for ms in need.values() for m, extra in ms})

@@ -109,9 +109,9 @@ class PlanContext:
         return _resolve(name, self.base, self.tied) or self.runtime().renamed.get(name)
 
     def fused(self, name: str):
-        """The :class:`~stages.peft.runtime.Fused` tensor transformers builds under ``name`` from several
-        checkpoint tensors (Mixtral's experts), or None."""
-        return None if self.resolve(name) else self.runtime().fused.get(name)
+        """For a name :meth:`resolve` does not find: the :class:`~stages.peft.runtime.Fused` tensor
+        transformers builds under it from several checkpoint tensors (Mixtral's experts), or None."""
+        return self.runtime().fused.get(name)
 
     def target(self, name: str) -> TensorInfo:
         info = _source(name, self.base, self.tied)
