@@ -23,6 +23,7 @@ CODES = {
     "F108": "bad stage reference",
     "F109": "bad --set override",
     "F110": "undefined variable",
+    "F111": "a path the run writes overlaps what it reads or a protected directory",
     # inputs: base model, adapter
     "F201": "adapter config missing or invalid",
     "F202": "adapter type cannot be merged",
@@ -51,6 +52,9 @@ CODES = {
     "F404": "manifest is unreadable",
     "F405": "stage has no input to read",
     "F406": "stage failed",
+    "F407": "stage was interrupted",
+    "F408": "workdir entry was not written by Fuse",
+    "F409": "workdir cannot be written",
     # publish
     "F501": "publish target invalid",
     "F502": "publish credentials missing or rejected",
