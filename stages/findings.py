@@ -24,6 +24,8 @@ CODES = {
     "F109": "bad --set override",
     "F110": "undefined variable",
     "F111": "a path the run writes overlaps what it reads or a protected directory",
+    "F112": "pipeline file uses YAML that Fuse refuses (tags, alias expansion, nesting, size)",
+    "F113": "secret value in a field that is published",
     # inputs: base model, adapter
     "F201": "adapter config missing or invalid",
     "F202": "adapter type cannot be merged",
