@@ -15,7 +15,7 @@ from pathlib import Path
 from .findings import FuseError, render
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
-USAGE_CODES = ("F1", "F2", "F408")  # pipeline-file, input and workdir-entry findings: the user must change something first
+USAGE_CODES = ("F1", "F2", "F408", "F509")  # pipeline-file, input and workdir-entry findings: the user must change something first
 
 
 def _quiet_third_party_logs():

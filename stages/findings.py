@@ -66,6 +66,8 @@ CODES = {
     "F506": "published file does not verify on the target",
     "F507": "model card template invalid",
     "F508": "publish target settings differ from the pipeline",
+    "F509": "publish target holds a file Fuse did not publish where it must write",
+    "F510": "publish target cannot be written",
     # quantize and export
     "F601": "quantization would take too long or need too much memory here",
     "F602": "optional packages of a stage missing, or the quantizer/exporter failed",
