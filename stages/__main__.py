@@ -32,6 +32,20 @@ def _quiet_third_party_logs():
 
 
 def main(argv=None) -> int:
+    """Every line printed passes the one redaction rule (stages/secrets.py), a library's too."""
+    from .secrets import RedactingStream
+
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(out), RedactingStream(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv=None) -> int:
     _quiet_third_party_logs()
     parser = _parser()
     args = parser.parse_args(argv)
@@ -53,8 +67,10 @@ def main(argv=None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="fuse", description="Fuse: validate -> merge -> quantize -> export -> publish "
-                                "a base model + PEFT adapter, declared in pipeline.yaml.")
+    p = argparse.ArgumentParser(prog="fuse", description="Fuse: validate -> merge -> check -> quantize -> export -> "
+                                "publish a base model + PEFT adapter, declared in pipeline.yaml. Exit codes: 0 done; "
+                                "1 a stage failed or outputs do not verify; 2 the pipeline file, the arguments or "
+                                "the inputs are wrong.")
     p.add_argument("--version", action="version", version=f"fuse {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -96,12 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("stages", nargs="*", metavar="STAGE")
     pa.set_defaults(func=cmd_params)
 
-    m = sub.add_parser("merge", help="one-shot merge of BASE + ADAPTER into OUT, no pipeline")
-    m.add_argument("base")
-    m.add_argument("adapter")
-    m.add_argument("out")
-    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    m.add_argument("--max-shard-size", default="5GB")
+    m = sub.add_parser("merge", help="one-shot merge of BASE + ADAPTER into OUT, no pipeline (metrics as JSON "
+                       "on stdout)", description="Merge one adapter into a base and write a standalone Hugging Face "
+                       "model directory. Prints the merge's metrics as JSON on stdout; progress and findings go to "
+                       "stderr. Exit 2 on a bad input, with one finding line.")
+    m.add_argument("base", help="the base model: a local directory, a .gguf file, or a Hub id org/name[@revision]")
+    m.add_argument("adapter", help="the adapter directory (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("out", help="the output directory: new or empty; never inside the base or the adapter")
+    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the merged weights (auto: the base's)")
+    m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     m.add_argument("--memory-budget", default="600MB", help="whole-process peak memory the merge aims for")
     m.set_defaults(func=cmd_merge)
     return p
@@ -167,14 +187,14 @@ def cmd_show(args) -> int:
     print("libraries  " + ", ".join(f"{k} {v}" for k, v in sorted(d.get("libraries", {}).items())))
     if d.get("ci"):
         print("ci         " + ", ".join(f"{k}={v}" for k, v in sorted(d["ci"].items())))
-    for sid, rec in m.stages.items():
+    for sid, rec in _in_pipeline_order(m):
         outs = rec.get("outputs", [])
         size = sum(f["size"] for f in outs)
         secs = f"{rec['seconds']:.1f}s" if rec.get("seconds") is not None else "-"
         print(f"\n[{sid}] {rec.get('stage')} v{rec.get('version')}: {rec.get('status')} in {secs}")
         print(f"  fingerprint {rec.get('fingerprint')}")
-        if rec.get("params"):
-            print("  params      " + ", ".join(f"{k}={v}" for k, v in sorted(rec["params"].items())))
+        for k, v in sorted((rec.get("params") or {}).items()):
+            _show_value("param", k, v)
         inputs = rec.get("fingerprint_inputs", {}).get("inputs", {})
         sources = rec.get("sources", {})
         if inputs.get("base"):
@@ -192,12 +212,38 @@ def cmd_show(args) -> int:
         if rec.get("external"):
             print(f"  published   {len(rec['external']['files'])} files to {rec['external']['root']}")
         for k, v in (rec.get("metrics") or {}).items():
-            print(f"  metric      {k} = {v}")
+            _show_value("metric", k, v)
         for w in rec.get("warnings", []):
             print(f"  warning     {w.get('code')} {w.get('message')}")
         if rec.get("error"):
             print(f"  error       {rec['error'].get('code')} {rec['error'].get('message')}")
     return 0
+
+
+def _in_pipeline_order(m) -> list[tuple[str, dict]]:
+    """Stage records in the order of the pipeline that last ran (the manifest's JSON keeps them sorted by
+    id); records of stages no longer in it follow, by start time."""
+    order = [s.get("id") for s in (m.data.get("pipeline") or {}).get("resolved", {}).get("stages", [])
+             if isinstance(s, dict)]
+    rank = {sid: i for i, sid in enumerate(order)}
+    return sorted(m.stages.items(), key=lambda kv: (rank.get(kv[0], len(rank)), str(kv[1].get("started_at") or ""),
+                                                    kv[0]))
+
+
+def _show_value(label: str, key: str, value, indent: int = 2) -> None:
+    """``label key = value``; a dict (or a long list) goes one entry a line, indented under its key."""
+    head = f"{' ' * indent}{label:<11} {key}" if label else f"{' ' * indent}{key}"
+    inner = len(head) - len(key) + 2
+    if isinstance(value, dict) and value:
+        print(head + ":")
+        for k, v in value.items():
+            _show_value("", k, v, inner)
+    elif isinstance(value, list) and len(str(value)) > 80:
+        print(head + ":")
+        for v in value:
+            print(f"{' ' * inner}- {v}")
+    else:
+        print(f"{head} = {value}")
 
 
 def cmd_verify(args) -> int:
@@ -240,7 +286,7 @@ def cmd_merge(args) -> int:
 
     metrics = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     memory_budget=args.memory_budget)
-    print(json.dumps(metrics, indent=2), file=sys.stderr)
+    print(json.dumps(metrics, indent=2))  # stdout: for scripts (progress and findings are on stderr)
     return 0
 
 

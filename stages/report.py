@@ -4,7 +4,7 @@ GitHub Actions outputs, log groups per stage and secret masks.
 Everything here reads the manifest (and the pipeline file only to find the workdir); it
 never changes a run. ``python -m stages summary TARGET`` prints the summary; with
 ``--github`` it appends it to ``$GITHUB_STEP_SUMMARY`` and writes the action's outputs
-(``manifest``, ``model-dir``, ``published``, ``status``, ``workdir``) to ``$GITHUB_OUTPUT``.
+(``manifest``, ``model-dir``, ``stage-dirs``, ``published``, ``status``, ``workdir``) to ``$GITHUB_OUTPUT``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ KEY_METRICS = (
     ("bytes_written", "written", "bytes"),
     ("files", "files", "int"),
 )
-SKIP_METRICS = {"seconds", "warnings"}
+SKIP_METRICS = {"seconds", "warnings", "disk_free_bytes", "disk_need_bytes"}  # machine facts, not the model's
 MAX_NUMBERS = 3
 STATUS_BY_EXIT = {0: "success", 1: "failed", 2: "invalid", 130: "interrupted"}
 ICON = {"done": "✅ done", "ran": "✅ ran", "fresh": "⏭️ fresh, skipped", "failed": "❌ failed", "interrupted": "⚠️ interrupted",
@@ -75,10 +75,16 @@ class Report:
         return [r.published for r in self.rows if r.published]
 
     @property
+    def stage_dirs(self) -> dict[str, Path]:
+        """Stage id -> output directory, for every done stage that writes one."""
+        return {r.id: r.output_dir for r in self.rows if r.output_dir and r.state in ("done", "ran", "fresh")}
+
+    @property
     def model_dir(self) -> Path | None:
-        """The last model a stage of this pipeline wrote (merged, quantized...), if done."""
+        """The merged model: the last done stage that writes a full-precision Hugging Face model
+        (merge), not a quantized or ONNX one (those are in ``stage_dirs``)."""
         dirs = [r.output_dir for r in self.rows
-                if r.output_dir and r.state in ("done", "ran", "fresh") and "model" in (r.output_kind or "")]
+                if r.output_dir and r.state in ("done", "ran", "fresh") and r.output_kind == "hf-model"]
         return dirs[-1] if dirs else None
 
     def outputs(self) -> dict:
@@ -86,6 +92,7 @@ class Report:
             "status": self.status,
             "manifest": str(self.manifest) if self.manifest else "",
             "model-dir": str(self.model_dir) if self.model_dir else "",
+            "stage-dirs": json.dumps({k: str(v) for k, v in self.stage_dirs.items()}),
             "published": json.dumps(self.published),
             "workdir": str(self.workdir) if self.workdir else "",
         }
@@ -353,14 +360,10 @@ def warning_annotations(r: Report, env=os.environ) -> list[str]:
 def mask_secrets(stream=None) -> int:
     """``::add-mask::`` every secret-looking environment value (and each line of a multi-line
     one), so that nothing a library prints can show it. Returns how many were masked."""
-    from .pipeline import secret_env_values
+    from .secrets import redactable  # the one redaction rule
 
     stream = stream or sys.stdout
-    values = set()
-    for v in secret_env_values():
-        values.add(v.strip())
-        values.update(line.strip() for line in v.splitlines())
-    values = sorted(v for v in values if len(v) >= 4 and "\n" not in v)
+    values = sorted(v for v in redactable() if "\n" not in v)
     for v in values:
         stream.write(f"::add-mask::{v}\n")
     stream.flush()

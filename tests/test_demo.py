@@ -178,3 +178,19 @@ def test_demo_onnx_model_runs_in_onnxruntime_like_transformers(demo):
     decoded = session.run(None, step)[0]
     assert np.abs(decoded - expected_next).max() <= 1e-3
     assert int(decoded[0, -1].argmax()) == int(expected_next[0, -1].argmax())
+
+
+def test_readme_transcript_is_what_the_demo_prints(demo):
+    """The README's transcript is the demo's own output (tools/readme_transcript.py writes it); numbers and
+    digests differ between machines and are masked, every line and word must match. Re-run the tool when
+    this fails after a deliberate change to what a stage prints."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import readme_transcript as rt
+    finally:
+        sys.path.pop(0)
+    root, first = demo
+    readme = (ROOT / "README.md").read_text()
+    assert rt.masked(rt.block(readme, "first")) == rt.masked(rt.shorten(first))
+    second = run_cli(root, "run", "pipeline.yaml")
+    assert rt.masked(rt.block(readme, "second")) == rt.masked(rt.shorten(second.stderr))

@@ -5,7 +5,8 @@ check an adapter without importing torch.
 """
 from __future__ import annotations
 
-import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,11 @@ def load_adapter(path, weight: float = 1.0, *, allow_pickle: bool = False) -> Ad
 
     path = Path(path)
     if not path.is_dir():
-        raise FuseError("F208", f"adapter directory {path} does not exist", file=path)
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise FuseError("F208", f"adapter directory {path} {what}", file=path,
+                        fix="give the directory the trainer saved the adapter to (it holds adapter_config.json "
+                            "and adapter_model.safetensors); a relative path is read from the pipeline file's "
+                            "directory")
     _refuse_foreign_formats(path)
     config = read_adapter_config(path / CONFIG_NAME)
     peft_type = str(config.get("peft_type", "")).upper()
@@ -106,9 +111,9 @@ def _refuse_foreign_formats(path: Path) -> None:
     reft_config = False
     if config.is_file():
         try:
-            data = json.loads(config.read_text(encoding="utf-8"))
+            data = read_json(config, "F201")
             reft_config = isinstance(data, dict) and ("intervention_types" in data or "representations" in data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except FuseError:
             pass
     if interventions or reft_config:
         raise FuseError("F202", f"this adapter cannot be merged: {REFT}", file=path,
@@ -120,13 +125,115 @@ def _is_bottleneck(inner: dict) -> bool:
 
 
 def read_adapter_config(path: Path) -> dict:
+    """``adapter_config.json`` as a dict whose known keys have the JSON types peft writes (F201 otherwise)."""
     if not path.is_file():
         raise FuseError("F201", f"{path.name} is missing in {path.parent}", file=path,
                         fix="point the adapter path at the directory peft's save_pretrained wrote")
     config = read_json(path, "F201", fix="re-save the adapter with peft's save_pretrained")
     if not isinstance(config, dict):
-        raise FuseError("F201", f"{path.name} is not a JSON object", file=path)
+        raise FuseError("F201", f"{path.name} is a JSON {type(config).__name__}, not an object", file=path,
+                        fix="re-save the adapter with peft's save_pretrained")
+    check_config_types(config, path)
     return config
+
+
+# --------------------------------------------------------------------------- config types
+#
+# The keys of adapter_config.json that Fuse reads (or hands to peft's layers), with the JSON
+# types peft's config classes give them. Checked once, when the file is read, so that the
+# planner and the families can rely on them: a `target_modules` that is a dict, an `r` that
+# is a string or a `rank_pattern` key that is no regular expression is one F201 naming the key,
+# not a traceback somewhere later. Keys not listed are not read by Fuse.
+
+
+def _null(v):
+    return v is None
+
+
+def _str(v):
+    return isinstance(v, str)
+
+
+def _bool(v):
+    return isinstance(v, bool)
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _regex(v):
+    if not isinstance(v, str):
+        return False
+    try:
+        re.compile(v)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _list_of(check):
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+def _dict_of(key, value):
+    return lambda v: isinstance(v, dict) and all(key(k) and value(x) for k, x in v.items())
+
+
+def _either(*checks):
+    return lambda v: any(c(v) for c in checks)
+
+
+_NAMES = _either(_null, _regex, _list_of(_str))  # a regex string (full match) or a list of module-name suffixes
+_PATTERN = _either(_null, _dict_of(_regex, _num))  # {regex of a module path: value}
+CONFIG_TYPES = {
+    # key: (check, what it must be)
+    "peft_type": (_either(_null, _str), "a string such as LORA"),
+    "base_model_name_or_path": (_either(_null, _str), "a string (hub id or path) or null"),
+    "revision": (_either(_null, _str), "a string or null"),
+    "r": (_either(_null, _num), "a number"),
+    "init_r": (_either(_null, _num), "a number"),
+    "lora_alpha": (_either(_null, _num), "a number"),
+    "alpha": (_either(_null, _num), "a number"),
+    "oft_block_size": (_either(_null, _num), "a number"),
+    "boft_block_size": (_either(_null, _num), "a number"),
+    "boft_block_num": (_either(_null, _num), "a number"),
+    "boft_n_butterfly_factor": (_either(_null, _num), "a number"),
+    "num_cayley_neumann_terms": (_either(_null, _int), "an integer"),
+    "eps": (_either(_null, _num), "a number"),
+    "projection_prng_key": (_either(_null, _int), "an integer"),
+    "lora_dropout": (_either(_null, lambda v: _num(v) and 0 <= v <= 1), "a number from 0 to 1"),
+    "target_modules": (_NAMES, "a list of module names, a regular expression, or null"),
+    "exclude_modules": (_NAMES, "a list of module names, a regular expression, or null"),
+    "feedforward_modules": (_NAMES, "a list of module names, a regular expression, or null"),
+    "modules_to_save": (_either(_null, _list_of(_str)), "a list of module names or null"),
+    "target_parameters": (_either(_null, _list_of(_str)), "a list of parameter names or null"),
+    "rank_pattern": (_PATTERN, "an object of module-path regular expression -> rank"),
+    "alpha_pattern": (_PATTERN, "an object of module-path regular expression -> alpha"),
+    "layers_to_transform": (_either(_null, _int, _list_of(_int)), "an integer, a list of integers, or null"),
+    "layers_pattern": (_either(_null, _str, _list_of(_str)), "a string, a list of strings, or null"),
+    "init_lora_weights": (_either(_null, _bool, _str), "true, false or the name of an initialisation"),
+    "token_indices": (_either(_null, _list_of(_int)), "a list of token ids or null"),
+    "trainable_token_indices": (_either(_null, _list_of(_int), _dict_of(_str, _list_of(_int))),
+                                "a list of token ids, an object of module name -> token ids, or null"),
+    **{key: (_either(_null, _bool), "true or false") for key in (
+        "fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "block_share", "coft", "save_projection",
+        "use_cayley_neumann", "inference_mode", "use_effective_conv2d", "decompose_both", "rank_dropout_scale")},
+}
+
+
+def check_config_types(config: dict, path: Path) -> None:
+    """F201 for the first known key whose value has a type peft would not have written."""
+    for key, (check, what) in CONFIG_TYPES.items():
+        if key in config and not check(config[key]):
+            shown = repr(config[key])
+            shown = shown if len(shown) <= 60 else shown[:60] + "..."
+            raise FuseError("F201", f"{key} must be {what}, got {shown}", file=path, key=key,
+                            fix="re-save the adapter with peft's save_pretrained, or correct the value")
 
 
 def _read_weights(path: Path, allow_pickle: bool):

@@ -5,7 +5,7 @@ and AWQ checkpoints through, it quantizes on CPU as well as on CUDA, and it writ
 formats vLLM, SGLang and transformers read as they are (``quant_method: gptq`` /
 ``quant_method: awq, version: gemm``). AutoAWQ is archived and cannot run its outputs on CPU.
 
-Known quirks handled here (GPTQModel 7.6, see ``../shared/notes/quantize-export.md``):
+Known quirks handled here (GPTQModel 7.6, see ``docs/quantize-export.md``):
 
 - on machines with 2 or fewer cores its CPU pool is too small for its model loader: set
   ``GPTQMODEL_CPU_WORKERS`` (the default we set: at least 2) before it is imported;
@@ -67,8 +67,9 @@ def quantize_model(model_dir: Path, out_dir: Path, *, method: str, bits: int, gr
             import gptqmodel
             from gptqmodel import BACKEND, AWQConfig, GPTQConfig, GPTQModel
         except ImportError as e:
+            from ..extras import install_fix
             raise FuseError("F602", f"quantize needs GPTQModel, which is not installed ({e})",
-                            fix="pip install 'fuse-llm[quantize]' (gptqmodel==7.6.0 and optimum; on CPU keep "
+                            fix=install_fix({"quantize": []}) + " (on CPU keep "
                                 "gptqmodel 7.6.0: 7.7 pulls a CUDA build of torch)") from None
         common = dict(bits=bits, group_size=group_size, sym=sym, offload_to_disk=False,
                       pack_impl="gpu" if device.startswith("cuda") else "original")
