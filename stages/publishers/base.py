@@ -8,6 +8,9 @@
    and note its current state (the branch head for the Hub).
 3. ``check_release(files)``: a release marker that already exists (a Hub tag) must point at
    exactly these files, or the publish stops (``F503``) before sending anything.
+   ``claim(files)``: a target that must protect what it does not own (``dir``) refuses a
+   path held by someone else (``F509``) and records what it is about to write, before it
+   writes anything.
 4. ``remote(files)``: size and sha256 of what the target already holds at those paths.
    Files whose sha256 already matches are not sent: an unchanged re-publish sends 0 bytes,
    and a publish interrupted half way sends only what is missing.
@@ -16,7 +19,9 @@
 6. ``push(upload, delete)``: send what is missing, in the order given (model files first,
    ``SHA256SUMS`` last), as one commit where the target has commits.
 7. ``verify(files)``: every file's sha256 and size, read back from the target.
-8. ``seal()``: tag (Hub), and what to record: commit, URL, tag.
+8. ``seal()``: tag (Hub), mark the journal complete (dir), and what to record: commit, URL, tag.
+
+:func:`kill_point` marks the places where the kill tests end the process.
 """
 from __future__ import annotations
 
@@ -134,6 +139,12 @@ class Publisher:
         """Paths an earlier Fuse publish left on the target (default: none known)."""
         return set()
 
+    def claim(self, files: list[LocalFile]) -> None:
+        """Before anything is written: refuse paths Fuse does not own, record what it will write."""
+
+    def close(self) -> None:
+        """Release what :meth:`open` holds (the dir target's lock); runs whatever happened."""
+
     def push(self, upload: list[LocalFile], delete: list[str], files: list[LocalFile]) -> None:
         raise NotImplementedError
 
@@ -158,9 +169,17 @@ class Outcome:
 
 def sync(pub: Publisher, files: list[LocalFile]) -> Outcome:
     """Publish ``files`` to ``pub``'s target: idempotent, resumable, verified. See the module doc."""
+    try:
+        return _sync(pub, files)
+    finally:
+        pub.close()
+
+
+def _sync(pub: Publisher, files: list[LocalFile]) -> Outcome:
     pub.authenticate()
     pub.open()
     pub.check_release(files)
+    pub.claim(files)
     remote = pub.remote(files)
     upload = [f for f in files if not matches(f, remote.get(f.path))]
     wanted = {f.path for f in files}
@@ -178,6 +197,22 @@ def sync(pub: Publisher, files: list[LocalFile]) -> Outcome:
                         fix="run again: files that do not match are sent again")
     record = pub.seal(files)
     return Outcome(files=len(files), uploaded=upload, deleted=delete, record=record)
+
+
+_kill_hits: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Test hook: ``FUSE_TEST_KILL_AT=<name>[@n]`` ends the process at once, as ``kill -9`` would
+    (no cleanup, no finally), the n-th time (default: first) ``name`` is reached."""
+    spec = os.environ.get("FUSE_TEST_KILL_AT")
+    if not spec:
+        return
+    point, _, nth = spec.partition("@")
+    if point == name:
+        _kill_hits[name] = _kill_hits.get(name, 0) + 1
+        if _kill_hits[name] == int(nth or 1):
+            os._exit(137)
 
 
 def retrying(pub: Publisher, what: str, fn: Callable, *, retry_status=(429, 500, 502, 503, 504), tries: int = 5,
