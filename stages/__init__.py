@@ -72,6 +72,10 @@ def merge(base, adapter, output, *, dtype="auto", max_shard_size="5GB", weight=1
     from .peft.merge import merge_model
     from .sources import resolve_base
 
+    from .paths import check_merge_output
+
+    adapter_dirs = [p for p, _ in adapter] if isinstance(adapter, (list, tuple)) else [adapter]
+    check_merge_output(output, base, adapter_dirs)  # F111 before anything is read or written
     output = Path(output).resolve()
     if output.exists():
         raise FuseError("F207", f"output {output} already exists", file=output,
@@ -81,7 +85,10 @@ def merge(base, adapter, output, *, dtype="auto", max_shard_size="5GB", weight=1
     tmp.mkdir(parents=True)
     try:
         if Path(base).is_dir():  # a local model: no digest needed, there is no manifest to record it in
+            from .io.checks import check_loadable
+
             base_dir = Path(base)
+            check_loadable(base_dir)  # F205: a base transformers cannot load gives an output no one can load
         else:  # a .gguf file or a hub id
             base_dir = resolve_base(str(base), tmp.parent / f".bases-{output.name}", StatCache(None), log=log).dir
         adapters = [(Path(p), float(w)) for p, w in adapter] if isinstance(adapter, (list, tuple)) \

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .findings import FuseError
+from .io.checks import check_loadable
 
 _HUB = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.py", "*.md", "*.tiktoken"]
@@ -41,10 +42,13 @@ def resolve_base(spec: str, workdir: Path, cache, log=print) -> BaseRef:
     """Turn the pipeline's ``base:`` into a local model directory.
 
     ``cache`` is the run's :class:`~stages.manifest.StatCache`, so a large base is hashed
-    once, not on every run.
+    once, not on every run. A directory (local or from the Hub) must hold a config.json that
+    transformers can load (:func:`stages.io.checks.check_loadable`, F205); a GGUF file is
+    converted by transformers itself.
     """
     path = Path(spec)
     if path.is_dir():
+        check_loadable(path)  # before hashing: a base no loader can load is refused before any stage runs
         digest, files = cache.tree(path)
         return BaseRef(dir=path, kind="local", name=spec, digest=digest, files=files)
     if path.is_file():
@@ -84,6 +88,7 @@ def _from_hub(repo: str, revision: str | None, cache, log) -> BaseRef:
     except HfHubHTTPError as e:
         raise FuseError("F205", f"the Hub refused {repo}@{revision or 'main'}: {str(e).splitlines()[0]}",
                         key="base", fix="check the repo id and revision, and HF_TOKEN for private or gated repos")
+    check_loadable(local)
     digest, files = cache.tree(local)
     # snapshot directories are named by the commit sha they hold
     return BaseRef(dir=local, kind="hub", name=repo, digest=digest, revision=local.name, files=files)

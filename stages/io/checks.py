@@ -1,7 +1,8 @@
 """File-level checks for a model or adapter directory, from headers and metadata only.
 
 What :mod:`stages.io.safetensors` does not check itself, and ``validate`` needs before
-any heavy work:
+any heavy work (each safetensors file is checked whole by its reader,
+:func:`~stages.io.safetensors.read_header`, wherever it is opened):
 
 - :func:`check_links`: symlinks are followed only inside the directory, or into the
   Hugging Face cache's blob store (a hub snapshot is a directory of links into it);
@@ -9,9 +10,8 @@ any heavy work:
 - :func:`read_index` / :func:`check_index`: ``model.safetensors.index.json`` against
   the shards (no missing shard, no shard outside the directory, no tensor the index
   does not list, ``total_size`` in bytes);
-- :func:`check_safetensors_file`: the header's length is bounded, and the tensors cover
-  the data area exactly (no gap, nothing after the last tensor), as the safetensors
-  library itself requires;
+- :func:`check_loadable`: config.json is there and names what transformers' ``AutoConfig``
+  needs to load the model (a ``model_type``, or custom code via ``auto_map``);
 - :func:`scan_nonfinite`: NaN/Inf in one tensor, read from disk without torch;
 - :func:`check_free_space`: room in a directory for the bytes a run will write.
 
@@ -23,12 +23,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import struct
 from pathlib import Path
 
 from stages.findings import FuseError
 from stages.io.jsonfile import read_json
-from stages.io.safetensors import INDEX_NAME, ITEMSIZE, MAX_HEADER_BYTES, ModelWeights, TensorInfo, read_header
+from stages.io.safetensors import INDEX_NAME, ITEMSIZE, ModelWeights, TensorInfo, read_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SKIP_DIRS = (".git", ".cache")  # never read by Fuse (merge skips them too)
@@ -98,58 +97,40 @@ def pickle_files(model_dir) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
 
 
-# --------------------------------------------------------------------------- safetensors files
+# --------------------------------------------------------------------------- config.json
+
+LOADER_FIX = ("copy config.json from the model's original files (the repo it came from); transformers "
+              "loads a model directory only with it")
 
 
-def check_header_length(path) -> int:
-    """The header length of a safetensors file, checked against the 100 MB limit and the file
-    size before anything is parsed (F206). Reads 8 bytes."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise FuseError("F206", f"cannot read {path.name}: {e.strerror}", file=path) from None
-    if len(head) < 8:
-        raise FuseError("F206", f"{path.name} has {size} bytes, fewer than the 8-byte header length", file=path,
-                        fix="re-download or re-save the file; it is truncated")
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER_BYTES:
-        raise FuseError("F206", f"{path.name} declares a {n:,}-byte header, over the {MAX_HEADER_BYTES:,}-byte "
-                        "limit of the safetensors format", file=path,
-                        fix="this is not a valid safetensors file; re-download or re-save it")
-    if 8 + n > size:
-        raise FuseError("F206", f"{path.name} declares a {n:,}-byte header but the file has only {size:,} bytes",
-                        file=path, fix="re-download or re-save the file; it is truncated")
-    return n
+def check_loadable(model_dir, what: str = "base model") -> dict:
+    """F205 unless transformers' ``AutoConfig.from_pretrained(model_dir)`` finds what it needs; returns the config.
 
-
-def check_safetensors_file(path, tensors: list[TensorInfo] | None = None) -> list[TensorInfo]:
-    """Header bounded and parseable, and the tensors tile the data area exactly (F206).
-
-    ``read_header`` already checks each tensor against the file; this adds what the
-    safetensors library also refuses: a gap between tensors, or bytes after the last one
-    (a file that was appended to, or a header from another file). Pass ``tensors`` when
-    the header was read already.
+    What AutoConfig needs (transformers 5, ``configuration_auto.py``): a ``config.json`` that is a
+    JSON object with either ``auto_map.AutoConfig`` (custom code, loaded with
+    ``trust_remote_code``) or a ``model_type``; without both it raises "Unrecognized model ...
+    Should have a `model_type` key". Checked from the JSON alone, so nothing heavy is imported:
+    whether the installed transformers knows this ``model_type`` is left to the stages that load
+    the model. A merge would copy the base's config.json as it is, so a base that fails here
+    gives a published model no runtime can load.
     """
-    path = Path(path)
-    n = check_header_length(path)
-    if tensors is None:
-        tensors = read_header(path)[0]
-    size = path.stat().st_size
-    expected = 8 + n
-    for t in sorted(tensors, key=lambda t: (t.start, t.end)):
-        if t.start != expected:
-            raise FuseError("F206", f"{path.name}: {t.start - expected:,} unused bytes before tensor {t.name!r} "
-                            "(tensors must follow each other)", file=path, key=t.name,
-                            fix="re-download or re-save the file; it is corrupt")
-        expected = t.end
-    if expected != size:
-        raise FuseError("F206", f"{path.name} has {size - expected:,} bytes after its last tensor: the header "
-                        "does not describe this file", file=path,
-                        fix="re-download or re-save the file; it may have been appended to or mixed up")
-    return tensors
+    root = Path(model_dir)
+    path = root / "config.json"
+    if not path.is_file():
+        raise FuseError("F205", f"the {what} directory {root} has no config.json: transformers cannot load it, "
+                        "and neither could anyone load the merged model", file=path, fix=LOADER_FIX)
+    config = read_config(root)  # F205 when not JSON, not an object, or a key of the wrong type
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and isinstance(auto_map.get("AutoConfig"), str):
+        return config
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type.strip():
+        raise FuseError("F205", f"config.json of the {what} has no model_type: transformers' AutoConfig refuses it "
+                        "(\"Unrecognized model\"), so the merged model could not be loaded either",
+                        file=path, key="model_type",
+                        fix="restore config.json from the model's original files; it names the architecture "
+                            "(e.g. \"model_type\": \"llama\")")
+    return config
 
 
 # --------------------------------------------------------------------------- index

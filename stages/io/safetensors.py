@@ -13,10 +13,10 @@ and the raw little-endian tensor bytes; tests check our files with ``safe_open``
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -75,66 +75,143 @@ class TensorInfo:
 def read_header(path) -> tuple[list[TensorInfo], dict]:
     """Parse and check one safetensors header: ``(tensors in file order, metadata)``.
 
-    Every size and offset is checked against the file size, so a truncated or corrupt
-    file fails here with F206 instead of later with a short read or a bogus allocation.
+    The one reader contract: every entry point (validate, merge, check, quantize, export, the
+    one-shot merge) reads weights through here, and here the whole file is checked before any
+    tensor byte is read: the 8-byte length is bounded and fits the file, the header is a JSON
+    object ``{name: {dtype, shape, data_offsets}}`` plus an optional ``__metadata__`` of
+    strings, each tensor's byte range is exactly its shape times its dtype's size, and the
+    ranges tile the data area from 0 to the end of the file (no overlap, no gap, no trailing
+    byte) -- what the safetensors library itself refuses. A file that breaks any of it is F206
+    naming the file (and tensor): read as it is, it would be a shifted or truncated model.
+    Reads the 8 + header bytes only, so it is cheap on a multi-GB shard.
     """
     path = Path(path)
 
-    def corrupt(why: str):
-        return FuseError("F206", f"{path.name} is not a valid safetensors file: {why}", file=path,
-                         fix="re-download or re-save the file; it may be truncated")
+    def corrupt(why: str, key: str | None = None, fix: str = _FIX):
+        return FuseError("F206", f"{path.name} is not a valid safetensors file: {why}", file=path, key=key, fix=fix)
 
     try:
-        size = path.stat().st_size
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: a FIFO would block it
+            raise corrupt("it is not a regular file", fix="point at the .safetensors file itself")
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
-                raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+                raise corrupt(f"{size} bytes, fewer than the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise corrupt(f"header length {n} does not fit in a file of {size} bytes")
+            if n > MAX_HEADER_BYTES:
+                raise corrupt(f"it declares a {n:,}-byte header, over the {MAX_HEADER_BYTES:,}-byte limit of the "
+                              "format")
+            if 8 + n > size:
+                raise corrupt(f"it declares a {n:,}-byte header but the file has only {size:,} bytes")
             raw = f.read(n)
     except OSError as e:
-        raise FuseError("F206", f"cannot read {path}: {e.strerror}", file=path) from e
+        raise FuseError("F206", f"cannot read {path.name}: {e.strerror or e}", file=path,
+                        fix="check that the file exists and is readable") from None
+    if len(raw) != n:
+        raise corrupt("the file shrank while its header was read")
+    if not raw.startswith(b"{"):  # as the safetensors library: the header starts with "{"
+        raise corrupt("the header does not start with '{' (the 8-byte length may be wrong)")
 
     def no_duplicates(pairs):
         keys = [k for k, _ in pairs]
         if len(set(keys)) != len(keys):
-            raise corrupt("duplicate keys in the header")
+            raise corrupt(f"duplicate key {_show(next(k for k in keys if keys.count(k) > 1))} in the header")
         return dict(pairs)
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise corrupt(f"header is not UTF-8 JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise corrupt(f"the header is not UTF-8 (byte {e.start})") from None
+    except RecursionError:
+        raise corrupt("the header nests too deeply to be a safetensors header") from None
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
+        raise corrupt(f"the header is not JSON ({str(e).split(';')[0][:120]})") from None
     if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise corrupt("__metadata__ is not an object")
+        raise corrupt(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("__metadata__ must map strings to strings", key="__metadata__")
 
     data_start, data_size = 8 + n, size - 8 - n
     tensors = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) and isinstance(end, int)
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise corrupt(f"bad header entry for tensor {name!r}")
+        shown, key = _show(name), _key(name)
+        if not isinstance(entry, dict):
+            raise corrupt(f"the entry of tensor {shown} is a JSON {type(entry).__name__}, not an object", key=key)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise corrupt(f"tensor {shown} has dtype {_show(dtype)}, not a dtype name", key=key)
         if dtype not in ITEMSIZE:
-            raise FuseError("F209", f"{path.name}: tensor {name!r} has dtype {dtype}, which Fuse does not support",
-                            file=path, key=name)
-        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * ITEMSIZE[dtype]:
-            raise corrupt(f"tensor {name!r} has byte range [{begin}, {end}) that does not fit its shape "
-                          f"{list(shape)} {dtype} or the {data_size} data bytes")
-        tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end))
-    tensors.sort(key=lambda t: t.start)
-    for prev, cur in itertools.pairwise(tensors):
-        if cur.start < prev.end:
-            raise corrupt(f"tensors {prev.name!r} and {cur.name!r} overlap")
+            if dtype in SAFETENSORS_DTYPES:
+                raise FuseError("F209", f"{path.name}: tensor {shown} has dtype {dtype}, which Fuse does not support",
+                                file=path, key=key, fix="convert the model to float16, bfloat16 or float32")
+            raise corrupt(f"tensor {shown} has dtype {_show(dtype)}, which is no safetensors dtype", key=key)
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise corrupt(f"tensor {shown} has shape {_show(shape)}, not a list of non-negative integers", key=key)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {shown} has data_offsets {_show(offsets)}, not [begin, end] with "
+                          "0 <= begin <= end", key=key)
+        begin, end = offsets
+        need = _nbytes(shape, ITEMSIZE[dtype], data_size)
+        if need != end - begin:
+            needs = f"{need:,} bytes" if need is not None else f"more than the file's {data_size:,} data bytes"
+            raise corrupt(f"tensor {shown} is {dtype} {shape}, which needs {needs}, but its data_offsets "
+                          f"[{begin:,}, {end:,}) hold {end - begin:,}", key=key)
+        if end > data_size:
+            raise corrupt(f"tensor {shown} ends at data byte {end:,}, past the {data_size:,} bytes the file holds "
+                          "(truncated?)", key=key)
+        tensors.append(TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end))
+    tensors.sort(key=lambda t: (t.start, t.end))
+    pos, prev = data_start, None
+    for t in tensors:  # the byte ranges tile the data area: no overlap, no gap
+        if t.start < pos:
+            raise corrupt(f"tensors {_show(prev.name)} and {_show(t.name)} overlap", key=_key(t.name))
+        if t.start > pos:
+            raise corrupt(f"{t.start - pos:,} unused bytes before tensor {_show(t.name)} (tensors must follow "
+                          "each other)", key=_key(t.name))
+        pos, prev = t.end, t
+    if pos != size:
+        raise corrupt(f"{size - pos:,} bytes after the last tensor: the header does not describe this file "
+                      "(appended to, or a wrong header length?)")
     return tensors, metadata
+
+
+_FIX = "re-download or re-save the file (safetensors' save_file writes a valid one); it is truncated or damaged"
+
+# every dtype name of the safetensors format; those not in ITEMSIZE are valid files Fuse cannot merge (F209)
+SAFETENSORS_DTYPES = frozenset(ITEMSIZE) | {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64"}
+
+
+def _count(value) -> bool:
+    """A JSON non-negative integer (``true`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _nbytes(shape: list, itemsize: int, limit: int) -> int | None:
+    """Bytes of a tensor of ``shape``; None when past ``limit`` (so a shape of huge numbers costs nothing)."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for d in shape:
+        total *= d
+        if total > limit:
+            return None
+    return total
+
+
+def _key(name: str) -> str:
+    """A tensor name as a finding's key: itself, unless it would break the one-line finding."""
+    return name if name.isprintable() and len(name) <= 200 else _show(name)
+
+
+def _show(value, limit: int = 80) -> str:
+    """A header value for a one-line message: repr'd (control characters escaped) and bounded."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_into(fd: int, offset: int, view: memoryview, info: TensorInfo | None = None) -> None:
@@ -250,7 +327,7 @@ class ModelWeights:
                 tensors[t.name] = t
         if index.exists():
             _check_index_names(index, tensors)
-        return cls(dir=model_dir, tensors=tensors, files=files, config=_read_config(model_dir))
+        return cls(dir=model_dir, tensors=tensors, files=files, config=read_config(model_dir))
 
     def __contains__(self, name) -> bool:
         return name in self.tensors
@@ -262,26 +339,42 @@ class ModelWeights:
         return load_tensor(self.tensors[name])
 
 
-def _read_config(model_dir: Path) -> dict:
+# config.json keys Fuse reads (at the top or in a ``text_config``), with the JSON types transformers writes
+CONFIG_TYPES = {"model_type": str, "text_config": dict, "quantization_config": dict, "tie_word_embeddings": bool,
+                "vocab_size": int, "bos_token_id": int, "architectures": list, "auto_map": dict}
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json ({} when absent), with the keys Fuse reads of the types transformers writes (F205)."""
     path = model_dir / "config.json"
     if not path.exists():
         return {}
-    config = read_json(path, "F205", fix="restore config.json from the model's original files")
+    fix = "restore config.json from the model's original files"
+    config = read_json(path, "F205", fix=fix)
     if not isinstance(config, dict):
-        raise FuseError("F205", "config.json is not a JSON object", file=path)
+        raise FuseError("F205", f"config.json is a JSON {type(config).__name__}, not an object", file=path, fix=fix)
+    sections = [("", config)] + ([("text_config.", config["text_config"])]
+                                 if isinstance(config.get("text_config"), dict) else [])
+    for prefix, section in sections:
+        for key, kind in CONFIG_TYPES.items():
+            value = section.get(key)
+            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+                raise FuseError("F205", f"config.json: {prefix}{key} must be a JSON {_JSON_NAMES[kind]}, got {shown}",
+                                file=path, key=prefix + key, fix=fix)
     return config
 
 
+_JSON_NAMES = {str: "string", dict: "object", bool: "boolean", int: "integer", list: "array"}
+
+
 def _load_index(index: Path) -> dict:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
-        return weight_map
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+    data = read_json(index, "F205", fix="re-download the model's index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FuseError("F205", f"{index.name} is not a valid index: it needs a weight_map of tensor name -> "
-                        "shard file", file=index) from None
+                        "shard file", file=index, key="weight_map", fix="re-download the model's index")
+    return weight_map
 
 
 def _shards_from_index(model_dir: Path, index: Path) -> list[str]:

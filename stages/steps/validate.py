@@ -119,8 +119,6 @@ def preflight(base_dir, adapters, *, base_name: str | None = None, base_revision
     """
     from ..findings import FuseError
     from ..io import checks
-    from ..io.safetensors import ModelWeights
-    from ..peft.adapter import load_adapter
     from ..peft.combine import check_method
     from ..peft.plan import plan_merge
     from ..peft.quantized import open_base
@@ -133,16 +131,10 @@ def preflight(base_dir, adapters, *, base_name: str | None = None, base_revision
     if not base_dir.is_dir():
         raise FuseError("F205", f"base model directory {base_dir} does not exist", file=base_dir)
     checks.check_links(base_dir, "base model")
-    for f in checks.weight_files(base_dir):
-        checks.check_header_length(f)  # before any header is parsed: a 100 MB header is refused unread
+    checks.check_loadable(base_dir)  # config.json as transformers' AutoConfig needs it (F205)
     check_quantization(base_dir)
+    # every shard's header is checked whole by its reader (read_header): bounded, exact tiling
     base = open_base(base_dir)  # a bitsandbytes checkpoint is seen as the float model it stands for
-    by_file: dict = {}
-    for info in base.tensors.values():
-        by_file.setdefault(info.path, []).append(info)
-    for f in base.files:  # a dequantized view hides the quant-state tensors: read those headers again
-        if f.suffix == ".safetensors":
-            checks.check_safetensors_file(f, by_file.get(f, []) if type(base) is ModelWeights else None)
     warnings += checks.check_index(base)
     warnings += _carried_pickles(base_dir)
 
@@ -152,7 +144,7 @@ def preflight(base_dir, adapters, *, base_name: str | None = None, base_revision
         path = Path(path)
         if path.is_dir():
             checks.check_links(path, "adapter")
-        loaded.append(_load_adapter(path, weight, allow_pickle, load_adapter, checks))
+        loaded.append(_load_adapter(path, weight, allow_pickle))
     adapter_reports = []
     for adapter in loaded:
         match = compare_base(adapter, base, base_name or str(base_dir), base_revision, allow_base_mismatch)
@@ -199,23 +191,18 @@ def preflight(base_dir, adapters, *, base_name: str | None = None, base_revision
     }
 
 
-def _load_adapter(path: Path, weight: float, allow_pickle: bool, load_adapter, checks):
-    """The adapter with its file checked first: header bounds, and the pickle policy."""
+def _load_adapter(path: Path, weight: float, allow_pickle: bool):
+    """The adapter, with the pickle policy applied first."""
     from ..findings import FuseError
-    from ..peft.adapter import PICKLE_NAME, WEIGHTS_NAME
+    from ..peft.adapter import PICKLE_NAME, WEIGHTS_NAME, load_adapter
 
-    st = path / WEIGHTS_NAME
-    if st.is_file():
-        checks.check_header_length(st)
-    elif (path / PICKLE_NAME).is_file() and not allow_pickle and (path / "adapter_config.json").is_file():
+    if not allow_pickle and not (path / WEIGHTS_NAME).is_file() and (path / PICKLE_NAME).is_file() \
+            and (path / "adapter_config.json").is_file():
         raise FuseError("F209", f"{PICKLE_NAME} is a pickle file, which can run code when it is loaded",
                         file=path / PICKLE_NAME,
                         fix="re-save the adapter with safetensors (peft's default), or set allow_pickle: true "
                             "to load it with torch.load(weights_only=True)")
-    adapter = load_adapter(path, weight=weight, allow_pickle=allow_pickle)
-    if adapter.weights_file.suffix == ".safetensors":
-        checks.check_safetensors_file(adapter.weights_file, list(adapter.tensors.values()))
-    return adapter
+    return load_adapter(path, weight=weight, allow_pickle=allow_pickle)  # its header is checked whole there
 
 
 def _nonfinite(adapter, name: str, checks) -> int:
@@ -283,9 +270,12 @@ def trained_on_config(adapter) -> tuple[dict | None, str | None]:
 
 
 def _json_or_none(path: Path) -> dict | None:
+    from ..findings import FuseError
+    from ..io.jsonfile import read_json
+
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(path, "F205")
+    except FuseError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -462,19 +452,15 @@ def check_vocabulary(adapters, base) -> None:
 def tokenizer_size(directory: Path) -> tuple[int, Path] | None:
     """(number of token ids, file) of the tokenizer saved in ``directory``, from its JSON files;
     None when it has none that Fuse can read without loading it (e.g. only a sentencepiece model)."""
-    from ..findings import FuseError
+    from ..io.jsonfile import read_json
 
     top, source = -1, None
     for fname in TOKENIZER_FILES:
         path = directory / fname
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            code = "F208" if (directory / "adapter_config.json").exists() else "F205"
-            raise FuseError(code, f"{fname} is not valid UTF-8 JSON ({type(e).__name__})", file=path,
-                            fix="re-save the tokenizer with save_pretrained") from None
+        code = "F208" if (directory / "adapter_config.json").exists() else "F205"
+        data = read_json(path, code, fix="re-save the tokenizer with save_pretrained")
         ids = []
         if fname == "tokenizer.json" and isinstance(data, dict):
             vocab = (data.get("model") or {}).get("vocab")
