@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -111,9 +112,12 @@ class StatCache:
         self.entries: dict = {}
         self.dirty = False
         try:
-            self.entries = json.loads(path.read_text()) if path else {}
-        except (FileNotFoundError, ValueError):
-            self.entries = {}
+            entries = json.loads(path.read_text(encoding="utf-8")) if path else {}
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):  # missing, a directory, not JSON
+            entries = {}
+        # a cache: an entry of the wrong shape (or a file that is not a mapping) is dropped, never trusted
+        self.entries = {k: v for k, v in entries.items() if _cache_entry_ok(k, v)} \
+            if isinstance(entries, dict) else {}
 
     def sha256(self, file: Path) -> str:
         st = os.stat(file)
@@ -143,7 +147,32 @@ class StatCache:
             self.dirty = False
 
 
+def _cache_entry_ok(key, value) -> bool:
+    """[size, mtime_ns, inode, sha256 hex]: what :meth:`StatCache.sha256` writes."""
+    return (isinstance(key, str) and isinstance(value, list) and len(value) == 4
+            and all(type(v) is int for v in value[:3]) and isinstance(value[3], str)
+            and _HEX64.fullmatch(value[3]) is not None)
+
+
 # --------------------------------------------------------------------------- atomic writes
+
+
+_crash_hits: dict = {}
+
+
+def crash_point(name: str) -> None:
+    """Test-only: ``FUSE_TEST_KILL_AT=NAME`` (or ``NAME#N``, the N-th time) dies here as ``kill -9`` would.
+
+    The kill tests (tests/test_kill.py) name the points: stage boundaries, manifest writes.
+    One dict lookup when the variable is unset."""
+    want = os.environ.get("FUSE_TEST_KILL_AT")
+    if not want:
+        return
+    point, _, nth = want.partition("#")
+    if point == name:
+        _crash_hits[name] = _crash_hits.get(name, 0) + 1
+        if _crash_hits[name] == int(nth or 1):
+            os._exit(137)
 
 
 def fsync_path(path: Path):
@@ -164,6 +193,7 @@ def atomic_write(path: Path, data: bytes):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("atomic-write:" + path.name)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -186,19 +216,32 @@ class Manifest:
 
     @classmethod
     def load(cls, workdir: Path, secrets=()) -> "Manifest":
+        """The workdir's manifest (an empty one when there is none). Anything that is not a manifest
+        of this schema, down to the field types the readers rely on, is F404: never a traceback."""
         path = Path(workdir) / MANIFEST
+
+        def unreadable(why: str):
+            return FuseError("F404", f"{MANIFEST} {why}", file=path,
+                             fix=f"move the workdir aside (mv {workdir} {workdir}.old) and run again, or restore "
+                                 "the manifest from the run's artifact")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return cls(workdir, secrets=secrets)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FuseError("F404", f"manifest is not valid JSON ({e})", file=path,
-                            fix="restore it from the run's artifact, or delete the workdir to start over") from None
-        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-            raise FuseError("F404", f"manifest schema {data.get('schema_version') if isinstance(data, dict) else '?'}"
-                                    f" is not {SCHEMA_VERSION}", file=path,
-                            fix="run with the Fuse version that wrote it, or delete the workdir")
-        data.setdefault("stages", {})
+        except IsADirectoryError:
+            raise unreadable("is a directory, not a file") from None
+        except UnicodeDecodeError:
+            raise unreadable("is not UTF-8 text") from None
+        except OSError as e:
+            raise unreadable(f"cannot be read: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise unreadable(f"is not valid JSON ({str(e)[:200]})") from None
+        try:
+            check_schema(data)
+        except SchemaError as e:
+            raise unreadable(f"is not a Fuse manifest of schema {SCHEMA_VERSION}: {e}") from None
         return cls(workdir, data, secrets)
 
     @property
@@ -242,6 +285,8 @@ class Manifest:
         """
         problems = []
         for root, files in self.recorded_files(stage_id):
+            if root == self.workdir / (self.record(stage_id) or {}).get("output_dir", stage_id):
+                problems += [f"{root / rel}: extra file, not in the manifest" for rel in self.extra_files(stage_id)]
             for f in files:
                 p = root / f["path"]
                 try:
@@ -258,6 +303,45 @@ class Manifest:
                         f["mtime_ns"], f["inode"] = st.st_mtime_ns, st.st_ino
                         self.dirty = True
         return problems
+
+    def extra_files(self, stage_id: str) -> list[str]:
+        """Files in a done stage's output directory that its record does not list (someone added them).
+        The output directory is Fuse's; a file added to it is not, and makes the output not verify."""
+        rec = self.record(stage_id) or {}
+        root = self.workdir / rec.get("output_dir", stage_id)
+        if rec.get("status") != "done" or not root.is_dir():
+            return []
+        recorded = {f["path"] for f in rec.get("outputs", [])}
+        return [rel for rel in list_files(root) if rel not in recorded]
+
+    # -- ownership: the one place that says which workdir entries are Fuse's ----------
+
+    def owns_output(self, stage_id: str) -> bool:
+        """``<workdir>/<id>/`` is Fuse's when a record says it wrote (or is writing) it there.
+        A ``running`` record without ``temp`` was written by Fuse before 0.2, which recorded the
+        output directory only when the stage finished: that directory is Fuse's too."""
+        rec = self.record(stage_id)
+        if not rec:
+            return False
+        return rec.get("output_dir") == stage_id or (rec.get("status") == "running" and "temp" not in rec)
+
+    def leftovers(self) -> list[Path]:
+        """What killed runs left in the workdir and only Fuse may remove: the temp and trash entries
+        a ``running`` record names (plus the legacy temp dirs of a pre-0.2 ``running`` record), and
+        atomic-write temp files of the manifest and stat cache (exact name pattern, regular files)."""
+        out = []
+        names = set(os.listdir(self.workdir)) if self.workdir.is_dir() else set()
+        for sid, rec in self.stages.items():
+            if "temp" in rec:  # a running (killed) or failed record; a done one has none
+                out += [self.workdir / n for n in sorted(names)
+                        if n in rec["temp"] or any(n.startswith(t + "-scratch-") for t in rec["temp"])]
+            elif rec.get("status") == "running":  # before 0.2: .tmp-<stage>-<id>-<8 hex>, export's scratch dirs
+                legacy = re.compile(re.escape(f".tmp-{rec.get('stage')}-{sid}-") + r"([0-9a-f]{8}|scratch-\w+)")
+                out += [self.workdir / n for n in sorted(names) if legacy.fullmatch(n)]
+        for n in sorted(names):
+            if _WRITE_TMP.fullmatch(n) and (self.workdir / n).is_file() and not (self.workdir / n).is_symlink():
+                out.append(self.workdir / n)
+        return out
 
     def recorded_files(self, stage_id: str) -> list[tuple[Path, list[dict]]]:
         """(root, file records) of a stage: its output dir, and any external target (publish to dir)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import sys
 import time
@@ -92,6 +93,9 @@ class Runner:
     # -- workdir lock and housekeeping --------------------------------------------------
 
     def lock(self):
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise FuseError("F409", f"workdir {self.workdir} is a file, not a directory", file=self.workdir,
+                            fix="point workdir: at a directory (Fuse creates it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -115,13 +119,46 @@ class Runner:
             self._lock_fd = None
 
     def clean_temp(self):
-        """Remove what a killed run left: temp output dirs and old outputs awaiting deletion."""
-        for p in self.workdir.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        for p in self.workdir.glob(".trash-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        for p in (self.workdir / ".bases").glob(".tmp-*") if (self.workdir / ".bases").exists() else []:
-            shutil.rmtree(p, ignore_errors=True)
+        """Remove what a killed run left, and only that: the temp and trash entries the manifest
+        names (:meth:`Manifest.leftovers`), and GGUF conversion temp dirs in ``.bases/``. A user's
+        ``.tmp-*`` entry is never touched."""
+        doomed = self.manifest.leftovers()
+        bases = self.workdir / ".bases"
+        if bases.is_dir() and not bases.is_symlink():
+            doomed += [p for p in bases.iterdir() if _GGUF_TMP.fullmatch(p.name)]
+        for p in doomed:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+    def check_workdir(self, selected: list[StageSpec]) -> None:
+        """Before any stage runs: every entry a selected stage will replace is Fuse's (F408 otherwise).
+        A user's ``<workdir>/<id>/`` (or a file someone added to Fuse's output there, or a log file
+        Fuse did not write) would be deleted by the run: name it instead."""
+        fix = "move it out of the workdir (Fuse replaces a stage's output directory as a whole), or point " \
+              "workdir: at another directory"
+        for s in selected:
+            final = self.workdir / s.id
+            if final.exists() or final.is_symlink():
+                if not self.manifest.owns_output(s.id):
+                    raise FuseError("F408", f"{final} was not written by Fuse, and stage '{s.id}' writes its "
+                                            "output there", file=final, fix=fix)
+                if final.is_symlink() or not final.is_dir():
+                    raise FuseError("F408", f"{final} is not the directory Fuse wrote (a link or a file took "
+                                            "its place)", file=final, fix=fix)
+                extra = self.manifest.extra_files(s.id)
+                if extra:
+                    raise FuseError("F408", f"{final / extra[0]} was not written by Fuse (stage '{s.id}' "
+                                            f"records {len(self.manifest.record(s.id).get('outputs', []))} "
+                                            "files, not this one)" + (f" nor {len(extra) - 1} more" if
+                                                                       len(extra) > 1 else ""),
+                                    file=final / extra[0], fix=fix)
+            log_file = self.workdir / "logs" / f"{s.id}.log"
+            if s.name in LOG_WRITERS and (log_file.exists() or log_file.is_symlink()) \
+                    and self.manifest.record(s.id) is None:
+                raise FuseError("F408", f"{log_file} was not written by Fuse, and stage '{s.id}' writes its "
+                                        "log there", file=log_file, fix="move it out of the workdir")
 
     def open(self):
         self.cache = mf.StatCache(self.workdir / mf.STAT_CACHE)
@@ -140,10 +177,13 @@ class Runner:
         """Digests of the base and adapters (hashed once per file thanks to the stat cache).
 
         Content only, no local paths: a workdir copied to another machine, where the
-        checkout lives elsewhere, still finds its stages fresh.
+        checkout lives elsewhere, still finds its stages fresh. Every safetensors header is
+        checked first, so a malformed or absurd file (a 1 TiB sparse adapter) is refused in
+        milliseconds instead of after hashing it.
         """
         if self._input_digests is None:
             adapters = []
+            self._check_headers()
             try:
                 for a in self.p.adapters:
                     digest, _ = self.cache.tree(a.path)
@@ -155,6 +195,21 @@ class Runner:
                                 ) from None
             self._input_digests = {"base": base, "adapters": adapters}
         return self._input_digests
+
+    def _check_headers(self) -> None:
+        from .io.safetensors import read_header
+
+        roots = [a.path for a in self.p.adapters]
+        if self.p.base_is_local():
+            roots.append(Path(self.p.base))
+        for root in roots:
+            try:
+                files = [root] if root.is_file() else sorted(root.rglob("*.safetensors"))
+            except OSError:
+                continue  # input_digests names the unreadable file
+            for f in files:
+                if f.suffix == ".safetensors" and f.is_file():
+                    read_header(f)
 
     def input_sources(self) -> dict:
         """Where the inputs were read from, for the audit trail (not fingerprinted)."""
@@ -191,7 +246,7 @@ class Runner:
             return Evaluation(False, "never ran")
         status = rec.get("status")
         if status == "running":
-            return Evaluation(False, "interrupted in an earlier run")
+            return Evaluation(False, "interrupted in an earlier run (killed, or the machine stopped)")
         if status != "done":
             return Evaluation(False, f"{status} last time")
         fp_inputs = self.fingerprint_inputs(s)
@@ -226,10 +281,20 @@ class Runner:
 
     def run(self, from_id: str | None = None, only: str | None = None, until: str | None = None) -> dict:
         selected = self.select(from_id, only, until)
+        from .paths import check_run_paths
+
+        check_run_paths(self.p)  # before the workdir is even created
+        try:
+            return self._run(selected)
+        except OSError as e:  # the runner's own I/O: the lock, the manifest, temp dirs, the rename
+            raise io_error(e, self.workdir) from None
+
+    def _run(self, selected: list[StageSpec]) -> dict:
         self.lock()
         try:
-            self.clean_temp()
             self.open()
+            self.clean_temp()
+            self.check_workdir(selected)
             self._check_requirements(selected)
             started = False
             summary = {}
@@ -301,29 +366,39 @@ class Runner:
         }
         if not mod.INPUT:
             self.manifest.stages[s.id]["sources"] = self.input_sources()
+        # recorded before they exist, so that a killed run's leftovers are known to be Fuse's
+        token = uuid.uuid4().hex[:8]
+        tmp, trash = self.workdir / f".tmp-{s.name}-{s.id}-{token}", self.workdir / f".trash-{s.id}-{token}"
+        self.manifest.stages[s.id].update(output_dir=s.id, temp=[tmp.name, trash.name])
         self.manifest.save()
-        tmp = self.workdir / f".tmp-{s.name}-{s.id}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        mf.crash_point("stage-start:" + s.id)
         up = upstream_of(s, self.p.stages) if mod.INPUT else None
         ctx = StageContext(stage=s, pipeline=self.p, params=dict(s.params), output_dir=tmp,
                            workdir=self.workdir, manifest=self.manifest, log=self.log,
                            input_dir=(self.workdir / up.id) if up else None, input_stage=up.id if up else None,
                            _resolve_base=self.base)
         try:
+            tmp.mkdir()
             self._check_space(s, ctx)
             metrics = mod.run(ctx) or {}
             files = [mf.file_record(tmp, rel, ctx.hashes.get(rel)) for rel in mf.list_files(tmp)]
             for rel in mf.list_files(tmp):
                 mf.fsync_path(tmp / rel)
             mf.fsync_path(tmp)
-            self._swap_into_place(tmp, self.workdir / s.id)
+            mf.crash_point("stage-output:" + s.id)
+            self._swap_into_place(tmp, self.workdir / s.id, trash)
         except BaseException as e:  # record the failure, leave nothing half-written
             shutil.rmtree(tmp, ignore_errors=True)
             finding = _finding_for(e, s, tmp, self.workdir)
             rec = self.manifest.stages[s.id]
             rec.update(status="failed", finished_at=mf.now(), seconds=round(time.time() - started, 3),
                        error=finding.to_dict())
-            self.manifest.save()
+            if not trash.exists():
+                rec.pop("temp", None)
+            try:
+                self.manifest.save()
+            except OSError:  # the disk that failed the stage may refuse the record too: the finding matters more
+                pass
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise FuseError(**_as_kwargs(finding)) from (None if isinstance(e, FuseError) else e)
@@ -336,20 +411,23 @@ class Runner:
         if ctx.external:
             rec["external"] = ctx.external
         rec.pop("error", None)
+        rec.pop("temp", None)
         self.manifest.save()
+        mf.crash_point("stage-done:" + s.id)
         self.log(f"[{s.id}] done in {rec['seconds']:.1f}s"
                  + (f": {_short_metrics(metrics)}" if metrics else ""))
 
-    def _swap_into_place(self, tmp: Path, final: Path):
-        """Rename the finished output into place; the old one goes to a trash dir first."""
-        trash = None
-        if final.exists() or final.is_symlink():
-            trash = self.workdir / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
+    def _swap_into_place(self, tmp: Path, final: Path, trash: Path):
+        """Rename the finished output into place; the old one (Fuse's: :meth:`check_workdir` made sure)
+        goes to the trash name the manifest recorded first, and is removed after the rename."""
+        old = final.exists() or final.is_symlink()
+        if old:
             os.replace(final, trash)
+            mf.crash_point("swap:" + final.name)
         os.replace(tmp, final)
         mf.fsync_path(self.workdir)
-        if trash:
-            shutil.rmtree(trash, ignore_errors=True)
+        if old:
+            shutil.rmtree(trash)
 
     def _check_space(self, s: StageSpec, ctx: StageContext):
         estimate = getattr(s.module, "estimate_bytes", None)
@@ -366,7 +444,31 @@ class Runner:
 
     def status(self) -> list[dict]:
         """Each stage: done / fresh / stale / failed / running, with the reason (no lock, no writes)."""
+        try:
+            return self._status()
+        except OSError as e:
+            raise io_error(e, self.workdir) from None
+
+    def live_holder(self) -> str | None:
+        """Who holds the workdir lock now (a live run), or None. Reads only: never creates the lock file."""
+        try:
+            fd = os.open(self.workdir / ".lock", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return (self.workdir / ".lock").read_text(errors="replace").strip()[:200] or "another process"
+            except OSError:
+                return "another process"
+        finally:
+            os.close(fd)  # closing drops a shared lock we may have taken
+        return None
+
+    def _status(self) -> list[dict]:
         self.open()
+        holder = self.live_holder()
         rows, stale = [], set()
         for s in self.p.stages:
             rec = self.manifest.record(s.id) or {}
@@ -378,6 +480,8 @@ class Runner:
                 state = "fresh" if ev.fresh else ("failed" if rec.get("status") == "failed" else
                                                   "interrupted" if rec.get("status") == "running" else "stale")
                 why = ev.why
+                if rec.get("status") == "running" and holder:
+                    state, why = "running", f"running now ({holder})"
             except FuseError as e:
                 state, why = "unknown", e.finding.message
             if state != "fresh":
@@ -424,16 +528,47 @@ def _recordable(fp_inputs: dict, s: StageSpec) -> dict:
 def _finding_for(e: BaseException, s: StageSpec, tmp: Path, workdir: Path) -> Finding:
     if isinstance(e, FuseError):
         return e.finding
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return Finding("F402", f"disk full while stage '{s.id}' was writing "
-                               f"{e.filename or tmp} ({_gb(shutil.disk_usage(workdir).free)} free now)",
+                               f"{e.filename or tmp} ({_gb(_free(workdir))} free now)",
                        file=str(e.filename or workdir),
                        fix="free space (the stage's partial output was removed) and run again: it resumes here")
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+        return io_error(e, workdir, stage=s.id).finding
     if isinstance(e, KeyboardInterrupt):
-        return Finding("F406", f"stage '{s.id}' was interrupted", fix="run again: it resumes here")
+        return Finding("F407", f"stage '{s.id}' was interrupted", fix="run again: it resumes here")
     tb = traceback.format_exception(type(e), e, e.__traceback__)
     return Finding("F406", f"stage '{s.id}' failed: {type(e).__name__}: {e}", fix="this is a bug in Fuse; "
                    "please report it with the traceback (FUSE_DEBUG=1 prints it)", extra={"traceback": tb[-3:]})
+
+
+ENVIRONMENT_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT,
+                      errno.EMFILE, errno.EIO, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ELOOP)
+LOG_WRITERS = ("quantize", "export")  # stages that write <workdir>/logs/<id>.log
+_GGUF_TMP = re.compile(r"\.tmp-gguf-[0-9a-f]{16}-[0-9a-f]{6}")  # sources.resolve_base's conversion dir
+
+
+def io_error(e: OSError, workdir: Path, stage: str | None = None) -> FuseError:
+    """An OSError of the machine (read-only disk, full disk, permissions, a name too long) as one
+    finding naming the path: the user fixes the machine, Fuse has no bug to report."""
+    path = e.filename or workdir
+    during = f" while stage '{stage}' ran" if stage else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FuseError("F402", f"disk full writing {path}{during} ({_gb(_free(workdir))} free now)", file=path,
+                         fix="free space and run again: it resumes here")
+    why = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission denied)",
+           errno.EPERM: "is not writable (operation not permitted)",
+           errno.ENAMETOOLONG: "has a name too long for the file system"}.get(e.errno, f"failed: {e.strerror}")
+    return FuseError("F409", f"{path} {why}{during}", file=path,
+                     fix="make the workdir writable, or point workdir: at a directory you can write "
+                         "(with a shorter path)")
+
+
+def _free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
 
 
 def _as_kwargs(f: Finding) -> dict:
