@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from .secrets import redact
+
 # code -> short title. Codes are stable: tests, docs and users' scripts rely on them.
 CODES = {
     # pipeline file
@@ -105,17 +107,17 @@ class Finding:
         text = f"{self.severity} {self.code} " + (f"{where}: " if where else "") + self.message
         if self.fix:
             text += f" (fix: {self.fix})"
-        return text
+        return redact(text)  # no secret is ever printed (stages/secrets.py)
 
     def annotation(self) -> str:
         """GitHub Actions workflow command, shown on the file's line in the PR/run view."""
         props = []
         if self.file:
-            props.append(f"file={_escape_prop(str(self.file))}")
+            props.append(f"file={_escape_prop(redact(str(self.file)))}")
         if self.line:
             props.append(f"line={self.line}")
         props.append(f"title={_escape_prop(self.code + ' ' + CODES.get(self.code, ''))}")
-        msg = self.message + (f" Fix: {self.fix}" if self.fix else "")
+        msg = redact(self.message + (f" Fix: {self.fix}" if self.fix else ""))  # before escaping
         kind = "error" if self.severity == "error" else "warning"
         return f"::{kind} {','.join(props)}::{_escape_data(msg)}"
 

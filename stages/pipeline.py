@@ -4,6 +4,11 @@ Every mistake becomes a :class:`~stages.findings.FuseError` that names the file,
 line and the key, and says what would be valid. The YAML is composed into nodes first
 (not loaded straight to dicts) so that each value keeps its line number.
 
+A pipeline file is input from anyone: the loader has limits (size, nesting, values after
+alias expansion, tags) so that no file can make it hang, exhaust memory or raise anything
+but a finding; names that become file names are bounded; and secrets may not flow into
+fields that are published or name paths (see :mod:`stages.secrets`).
+
 Only PyYAML is imported here: a pipeline error is reported before torch would load.
 """
 from __future__ import annotations
@@ -12,6 +17,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,12 +27,26 @@ from typing import Any
 
 import yaml
 
+from . import secrets as _secrets
 from .findings import FuseError
+from .secrets import is_secret_name  # noqa: F401  (importable from here, as before)
 
 REQUIRED = object()
 STAGE_MODULES = ("validate", "merge", "check", "quantize", "export", "publish")  # stage name == module name in stages.steps
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
+
+# limits on what a pipeline file may hold: far above any real pipeline, far below harm
+MAX_BYTES = 256 * 1024  # the file (a real one is a few kB; PyYAML reads ~200 kB a second)
+MAX_DEPTH = 32  # nesting of lists and mappings (a real pipeline nests 5 deep)
+MAX_VALUES = 50_000  # values after expanding aliases: an alias bomb stops here, in milliseconds
+MAX_STEPS = 100  # stages, and adapters
+MAX_NAME_LEN = 100  # the name and stage ids become file and directory names
+# the name and stage ids: ASCII letters, digits, '.', '_', '-', starting with a letter or digit
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RESERVED_IDS = ("manifest.json",)  # a step's output dir <workdir>/<id>/ must not be a file Fuse keeps there
+# explicit tags allowed: those of plain strings, numbers, booleans, null, lists and mappings
+_SAFE_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
 @dataclass(frozen=True)
@@ -37,6 +57,7 @@ class Param:
     default: Any = REQUIRED
     choices: tuple | None = None
     help: str = ""
+    published: bool = False  # the value ends up in published files or on the target: no secret may flow in
 
     def describe(self) -> str:
         if self.choices:
@@ -124,32 +145,100 @@ def known_stages() -> tuple[str, ...]:
 # --------------------------------------------------------------------------- YAML with lines
 
 
+class _Refused(Exception):
+    """A limit of the loader was hit while composing (raised inside PyYAML, turned into F112)."""
+
+    def __init__(self, message: str, line: int | None, fix: str):
+        super().__init__(message)
+        self.message, self.line, self.fix = message, line, fix
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe composer, refusing tags other than the plain ones and nesting past MAX_DEPTH
+    (the composer recurses: 5000 levels would be a RecursionError)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!") and tag not in _SAFE_TAGS:
+            raise _Refused(f"the tag {_show(tag)} is not allowed", line,
+                           "remove the tag: a pipeline holds plain strings, numbers, booleans, lists and mappings")
+        nested = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        if nested:
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"lists and mappings nest deeper than {MAX_DEPTH} levels", line,
+                               "flatten the structure: a pipeline nests a few levels deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            if nested:
+                self._depth -= 1
+
+
 class _Located:
-    """YAML data with the line (1-based) of every mapping key and sequence item."""
+    """YAML data with the line (1-based) of every mapping key and sequence item.
+
+    Building expands aliases; it stops at MAX_VALUES values (an alias bomb), at a value that
+    contains itself (``&a [*a]``) and at MAX_DEPTH levels (aliases can stack depth)."""
 
     def __init__(self, file: str):
         self.file = file
         self.lines: dict[tuple, int] = {}
+        self._count = 0
+        self._open: set[int] = set()  # collection nodes being built: meeting one again is a cycle
+        self._ctor = yaml.constructor.SafeConstructor()
 
     def build(self, node, path=()):
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            out = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    raise FuseError("F103", "mapping keys must be plain strings", file=self.file,
-                                    line=key_node.start_mark.line + 1, key=_fmt(path))
-                key = key_node.value
-                if key in out:
-                    raise FuseError("F102", f"key '{key}' appears twice", file=self.file,
-                                    line=key_node.start_mark.line + 1, key=_fmt(path + (key,)),
-                                    fix="keep one of them")
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-                out[key] = self.build(value_node, path + (key,))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        return yaml.SafeLoader("").construct_object(node) if node.tag else node.value
+        line = node.start_mark.line + 1
+        self._count += 1
+        if self._count > MAX_VALUES:  # named at the top-level key whose value grew past the limit
+            raise FuseError("F112", f"more than {MAX_VALUES} values once aliases (*name) are expanded",
+                            file=self.file, line=self.lines.get(path[:1], line), key=_fmt(path[:1]) or None,
+                            fix="write the values out; an alias that repeats a large anchor multiplies it")
+        if len(path) > MAX_DEPTH:
+            raise FuseError("F112", f"lists and mappings nest deeper than {MAX_DEPTH} levels once aliases are expanded",
+                            file=self.file, line=line, key=_fmt(path[:4]) + "...",
+                            fix="flatten the structure: a pipeline nests a few levels deep")
+        self.lines.setdefault(path, line)
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in self._open:
+                raise FuseError("F112", "an alias (*name) refers to a list or mapping that contains it",
+                                file=self.file, line=line, key=_fmt(path) or None,
+                                fix="an anchor (&name) cannot be used inside itself: write the value out")
+            self._open.add(id(node))
+            try:
+                return self._mapping(node, path) if isinstance(node, yaml.MappingNode) else \
+                    [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+            finally:
+                self._open.discard(id(node))
+        try:
+            return self._ctor.construct_object(node)
+        except Exception:  # noqa: BLE001 - PyYAML's scalar constructors raise ValueError, KeyError...
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise FuseError("F103", f"{_show(node.value)} is not a valid {kind}", file=self.file, line=line,
+                            key=_fmt(path) or None, fix=f"write a valid {kind}, or quote the value to make it a "
+                                                        "string") from None
+
+    def _mapping(self, node, path) -> dict:
+        out = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise FuseError("F103", "mapping keys must be plain strings", file=self.file,
+                                line=key_node.start_mark.line + 1, key=_fmt(path) or None)
+            key = key_node.value
+            if key in out:
+                raise FuseError("F102", f"key {_show(key)} appears twice", file=self.file,
+                                line=key_node.start_mark.line + 1, key=_fmt(path + (key,)),
+                                fix="keep one of them")
+            self.lines[path + (key,)] = key_node.start_mark.line + 1
+            out[key] = self.build(value_node, path + (key,))
+        return out
 
     def at(self, path) -> int | None:
         path = tuple(path)
@@ -158,16 +247,31 @@ class _Located:
         return self.lines.get(path)
 
 
+def _show(value, limit: int = 80) -> str:
+    """A user's string quoted for a one-line message: secrets redacted (before escaping could hide
+    them from the redactor), control characters escaped, long ones cut."""
+    text = _secrets.redact(str(value))
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"'{text}'"
+
+
 def _fmt(path) -> str:
     out = ""
     for p in path:
+        p = p if isinstance(p, int) else _show(p, 60)[1:-1]
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out
 
 
 def _compose(text: str, file: str) -> tuple[Any, _Located]:
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+    except _Refused as e:
+        raise FuseError("F112", e.message, file=file, line=e.line, fix=e.fix) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -175,6 +279,11 @@ def _compose(text: str, file: str) -> tuple[Any, _Located]:
                         fix="fix the YAML syntax at that line (indentation, quotes, ':' after keys)") from None
     except yaml.YAMLError as e:
         raise FuseError("F101", str(e).splitlines()[0], file=file) from None
+    except RecursionError:  # a limit above should have stopped it first
+        raise FuseError("F112", "the YAML nests too deeply", file=file,
+                        fix="flatten the structure: a pipeline nests a few levels deep") from None
+    finally:
+        loader.dispose()
     located = _Located(file)
     if node is None:
         raise FuseError("F104", "the pipeline file is empty", file=file, line=1,
@@ -185,18 +294,8 @@ def _compose(text: str, file: str) -> tuple[Any, _Located]:
 # --------------------------------------------------------------------------- interpolation
 
 
-# a whole word of the variable name: HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD; not TOKENIZERS_PARALLELISM
-_SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIALS?|AUTH)"
-                          r"(_|$)", re.I)
-
-
-def is_secret_name(var: str) -> bool:
-    """Environment variables whose values are never printed or written (HF_TOKEN, AWS_SECRET_ACCESS_KEY...)."""
-    return bool(_SECRET_NAME.search(var))
-
-
 def secret_env_values() -> set[str]:
-    return {v for k, v in os.environ.items() if v and is_secret_name(k)}
+    return _secrets.env_values()
 
 
 class _Interpolator:
@@ -211,7 +310,11 @@ class _Interpolator:
         self.located = located
         self.secrets: set[str] = set()
 
-    def expand(self, value, path):
+    def expand(self, value, path, no_secret: str | None = None):
+        """(value to use, value to write down). ``no_secret``: why no secret may flow into this field
+        (:data:`PUBLISHED`, :data:`A_PATH`); such a use is F113."""
+        if no_secret and isinstance(value, str):
+            _refuse_secret(value, path, self.located, no_secret)
         if not isinstance(value, str) or "${" not in value:
             return value, value
 
@@ -225,31 +328,60 @@ class _Interpolator:
                                     fix=f"export {var}=... before running, or remove ${{env.{var}}}")
                 val = os.environ[var]
                 if val and is_secret_name(var):
+                    if no_secret:
+                        raise _secret_here(f"${{env.{var}}} is a secret", path, self.located, no_secret)
                     self.secrets.add(val)
                 return val
             if expr.startswith("pkg."):
                 return self._package_dir(expr[4:], path)
             if expr in ("name",) and isinstance(self.top.get(expr), str):
                 return self.top[expr]
-            raise FuseError("F110", f"unknown variable ${{{expr}}}", file=self.located.file,
+            raise FuseError("F110", f"unknown variable ${{{_show(expr)[1:-1]}}}", file=self.located.file,
                             line=self.located.at(path), key=_fmt(path),
                             fix="use ${name}, ${env.VAR} or ${pkg.MODULE}")
 
         resolved = _VAR.sub(sub, value)
+        if no_secret:  # a non-secret-named variable whose value is a secret all the same
+            _refuse_secret(resolved, path, self.located, no_secret)
         # what may be written down: env values stay as their placeholder
         recorded = value if "${env." in value else resolved
         return resolved, recorded
 
     def _package_dir(self, module: str, path) -> str:
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
+        spec = None
+        if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+            try:
+                spec = importlib.util.find_spec(module)
+            except Exception:  # noqa: BLE001 - find_spec imports parent packages, which may raise anything
+                spec = None
         if spec is None or not spec.submodule_search_locations:
-            raise FuseError("F110", f"Python package '{module}' is not installed", file=self.located.file,
+            raise FuseError("F110", f"Python package {_show(module)} is not installed", file=self.located.file,
                             line=self.located.at(path), key=_fmt(path),
-                            fix=f"pip install the distribution that provides '{module}'")
+                            fix="pip install the distribution that provides it")
         return str(Path(list(spec.submodule_search_locations)[0]))
+
+
+PUBLISHED = "ends up in the published model (card, provenance, target name or commit)"
+A_PATH = "is a path (paths are printed, and written in logs, reports and the manifest)"
+
+
+def _secret_here(what: str, path, located, why: str) -> FuseError:
+    return FuseError("F113", f"{what}, and {_fmt(path)} {why}", file=located.file, line=located.at(path),
+                     key=_fmt(path), fix="pass credentials through the environment (HF_TOKEN, AWS_ACCESS_KEY_ID/"
+                                         "AWS_SECRET_ACCESS_KEY: the publisher reads them), never through a "
+                                         "field; if the value is not a secret, give the variable a name that "
+                                         "does not look secret")
+
+
+def _refuse_secret(value: str, path, located, why: str) -> None:
+    """A field whose text holds the value of a secret-named variable, however it got there."""
+    names = _secrets.env_secret_vars(value)
+    if names:
+        raise _secret_here("the value holds that of " + ", ".join(names) + " (a secret)", path, located, why)
+
+
+def _no_secret(spec: Param) -> str | None:
+    return PUBLISHED if spec.published else A_PATH if spec.type == "path" else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -257,10 +389,10 @@ class _Interpolator:
 
 TOP_KEYS = {
     "version": Param(int, 1, choices=(1,)),
-    "name": Param(str),
-    "base": Param(str, help="local model directory, .gguf file, or hub id org/name[@revision]"),
-    "adapter": Param(str, None, help="adapter directory"),
-    "adapters": Param(list, None, help="list of {path, weight}"),
+    "name": Param(str, published=True),
+    "base": Param(str, help="local model directory, .gguf file, or hub id org/name[@revision]", published=True),
+    "adapter": Param(str, None, help="adapter directory", published=True),  # its directory name is in the card
+    "adapters": Param(list, None, help="list of {path, weight}", published=True),
     "workdir": Param(str, "runs/${name}"),
     "stages": Param(list),
 }
@@ -271,12 +403,17 @@ def load(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Pipeline
     path = Path(path)
     file = str(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # never more: /dev/zero or a 10 GB file is refused, not read
     except FileNotFoundError:
         raise FuseError("F105", "pipeline file not found", file=file,
                         fix="pass the path of an existing pipeline.yaml") from None
-    except OSError as e:
-        raise FuseError("F105", f"cannot read the pipeline file: {e.strerror}", file=file) from None
+    except (OSError, ValueError) as e:
+        raise FuseError("F105", f"cannot read the pipeline file: {getattr(e, 'strerror', None) or e}",
+                        file=file, fix="pass the path of a readable pipeline.yaml") from None
+    if len(raw) > MAX_BYTES:
+        raise FuseError("F112", f"the pipeline file is larger than {MAX_BYTES // 1024} KiB", file=file,
+                        fix="a pipeline is a few kB: keep data (prompts, calibration texts) in files it names")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -300,17 +437,17 @@ def load(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Pipeline
             _check_type(data[key], TOP_KEYS[key], (key,), located)
 
     interp = _Interpolator(data, located)
-    name, _ = interp.expand(data["name"], ("name",))
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-        raise FuseError("F103", f"name '{name}' must be letters, digits, '.', '_' or '-'", file=file,
-                        line=located.at(("name",)), key="name", fix="use a name like smollm2-support-v2")
+    name, _ = interp.expand(data["name"], ("name",), PUBLISHED)
+    _check_name(name, ("name",), located, what="name", example="smollm2-support-v2")
     interp.top = dict(data, name=name)
 
-    base, base_rec = interp.expand(data["base"], ("base",))
+    base, base_rec = interp.expand(data["base"], ("base",), PUBLISHED)
+    _check_path_text(base, ("base",), located)
     base = _resolve_base(base, here, located)
     adapters = _load_adapters(data, here, interp, located)
-    workdir_s, _ = interp.expand(data.get("workdir", TOP_KEYS["workdir"].default), ("workdir",))
-    workdir = (here / workdir_s).resolve() if not os.path.isabs(workdir_s) else Path(workdir_s)
+    workdir_s, _ = interp.expand(data.get("workdir", TOP_KEYS["workdir"].default), ("workdir",), A_PATH)
+    _check_path_text(workdir_s, ("workdir",), located)
+    workdir = Path(workdir_s) if os.path.isabs(workdir_s) else _resolve(Path(workdir_s), here, ("workdir",), located)
 
     stages = _load_stages(data["stages"], here, interp, located)
     _apply_overrides(stages, overrides, here, interp, located)
@@ -333,15 +470,57 @@ def load(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Pipeline
                     secrets=interp.secrets, lines=located.lines)
 
 
+def _check_name(value: str, path, located, what: str, example: str) -> None:
+    """A name that becomes a file or directory name (the workdir's default, a step's output dir)."""
+    if len(value) > MAX_NAME_LEN:
+        raise FuseError("F103", f"{what} is {len(value)} characters long; at most {MAX_NAME_LEN}", file=located.file,
+                        line=located.at(path), key=_fmt(path), fix=f"use a shorter {what}, like {example}")
+    if not _NAME.fullmatch(value):
+        raise FuseError("F103", f"{what} {_show(value)} must be ASCII letters, digits, '.', '_' or '-', starting "
+                                "with a letter or digit", file=located.file, line=located.at(path), key=_fmt(path),
+                        fix=f"use a {what} like {example}")
+
+
+def _check_path_text(value: str, path, located) -> None:
+    """A path the OS would refuse (NUL byte, a component past 255 bytes) is a finding, not an OSError."""
+    problem = None
+    if "\0" in value:
+        problem = "contains a NUL character"
+    elif len(value.encode("utf-8", "surrogatepass")) > 4000:
+        problem = "is longer than 4000 bytes"
+    elif any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in value.split("/")):
+        problem = "has a file or directory name longer than 255 bytes"
+    if problem:
+        raise FuseError("F103", f"path {_show(value)} {problem}", file=located.file, line=located.at(path),
+                        key=_fmt(path), fix="give a path the file system can hold")
+
+
+def _resolve(p: Path, here: Path, path, located) -> Path:
+    """Absolute, symlinks resolved; relative paths against the pipeline file's directory."""
+    try:
+        return (p if p.is_absolute() else here / p).resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise FuseError("F105", f"path {_show(p)} cannot be resolved: {getattr(e, 'strerror', None) or e}",
+                        file=located.file, line=located.at(path), key=_fmt(path),
+                        fix="give a path without symlink loops") from None
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):  # a parent that cannot be searched, an over-long name
+        return False
+
+
 def _resolve_base(base: str, here: Path, located: _Located) -> str:
     local = Path(base) if os.path.isabs(base) else here / base
-    if local.exists():
-        return str(local.resolve())
+    if _exists(local):
+        return str(_resolve(local, here, ("base",), located))
     hub = _HUB_ID.match(base)
     explicit_local = base.startswith((".", "/", "~")) or base.count("/") != 1
     if hub and not explicit_local:
         return base  # a hub id, resolved to a commit when the run starts
-    raise FuseError("F105", f"base '{base}' does not exist", file=located.file, line=located.at(("base",)),
+    raise FuseError("F105", f"base {_show(base)} does not exist", file=located.file, line=located.at(("base",)),
                     key="base", fix="give a local model directory (relative to the pipeline file), "
                                     "a .gguf file, or a hub id like org/name@revision")
 
@@ -355,6 +534,9 @@ def _load_adapters(data, here, interp, located) -> list[AdapterSpec]:
         if not isinstance(data["adapters"], list) or not data["adapters"]:
             raise FuseError("F103", "'adapters' must be a non-empty list of {path, weight}", file=file,
                             line=located.at(("adapters",)), key="adapters")
+        if len(data["adapters"]) > MAX_STEPS:
+            raise FuseError("F103", f"{len(data['adapters'])} adapters; at most {MAX_STEPS}", file=file,
+                            line=located.at(("adapters",)), key="adapters", fix="combine fewer adapters per pipeline")
         items, paths = [], []
         for i, item in enumerate(data["adapters"]):
             if isinstance(item, str):
@@ -373,15 +555,20 @@ def _load_adapters(data, here, interp, located) -> list[AdapterSpec]:
         if "path" not in item:
             raise FuseError("F104", "adapter entry has no 'path'", file=file, line=located.at(p), key=_fmt(p))
         _check_type(item["path"], Param(str), p, located)
-        value, _ = interp.expand(item["path"], p)
+        value, _ = interp.expand(item["path"], p, PUBLISHED)  # the directory's name is in the card
+        _check_path_text(value, p, located)
         full = Path(value) if os.path.isabs(value) else here / value
-        if not full.exists():
-            raise FuseError("F105", f"adapter '{value}' does not exist", file=file, line=located.at(p),
+        if not _exists(full):
+            raise FuseError("F105", f"adapter {_show(value)} does not exist", file=file, line=located.at(p),
                             key=_fmt(p), fix="give the adapter directory (with adapter_config.json), "
                                              "relative to the pipeline file")
         weight = item.get("weight", 1.0)
-        _check_type(weight, Param(float), p[:-1] + ("weight",), located)
-        out.append(AdapterSpec(path=full.resolve(), weight=float(weight), line=located.at(p)))
+        weight = _check_type(weight, Param(float), p[:-1] + ("weight",), located)
+        if not math.isfinite(weight):
+            raise FuseError("F103", f"weight {weight} is not a finite number", file=file,
+                            line=located.at(p[:-1] + ("weight",)), key=_fmt(p[:-1] + ("weight",)),
+                            fix="give a number like 1.0 or 0.5")
+        out.append(AdapterSpec(path=_resolve(full, here, p, located), weight=float(weight), line=located.at(p)))
     return out
 
 
@@ -390,6 +577,9 @@ def _load_stages(items, here, interp, located) -> list[StageSpec]:
     if not isinstance(items, list) or not items:
         raise FuseError("F103", "'stages' must be a non-empty list", file=file, line=located.at(("stages",)),
                         key="stages", fix="e.g. stages: [validate, merge, publish]")
+    if len(items) > MAX_STEPS:
+        raise FuseError("F103", f"{len(items)} stages; at most {MAX_STEPS}", file=file, line=located.at(("stages",)),
+                        key="stages", fix="split the work into several pipelines")
     out, seen = [], {}
     for i, item in enumerate(items):
         path = ("stages", i)
@@ -400,13 +590,14 @@ def _load_stages(items, here, interp, located) -> list[StageSpec]:
             params = {} if params is None else params
             path = path + (name,)
             if not isinstance(params, dict):
-                raise FuseError("F103", f"parameters of '{name}' must be a mapping", file=file,
-                                line=located.at(path), key=_fmt(path), fix=f"e.g. - {name}: {{key: value}}")
+                raise FuseError("F103", f"parameters of {_show(name)} must be a mapping", file=file,
+                                line=located.at(path), key=_fmt(path),
+                                fix=f"e.g. - {_show(name)[1:-1]}: {{key: value}}")
         else:
             raise FuseError("F103", "a stage is a name or a one-key mapping {name: {params}}", file=file,
                             line=located.at(path), key=_fmt(path), fix="e.g. - merge: {dtype: bfloat16}")
         if name not in STAGE_MODULES:
-            raise FuseError("F107", f"unknown stage '{name}'", file=file, line=located.at(path), key=_fmt(path),
+            raise FuseError("F107", f"unknown stage {_show(name)}", file=file, line=located.at(path), key=_fmt(path),
                             fix=_suggest(name, STAGE_MODULES, "stage"))
         module = stage_module(name)
         schema = {**COMMON_PARAMS, **module.PARAMS}
@@ -424,11 +615,15 @@ def _load_stages(items, here, interp, located) -> list[StageSpec]:
             resolved[key], recorded[key] = value, rec
         sid = params.get("id", name)
         _check_type(sid, Param(str), path + ("id",), located)
-        if sid in seen:
-            raise FuseError("F106", f"stage id '{sid}' is used twice (first at line {seen[sid]})", file=file,
-                            line=located.at(path), key=_fmt(path),
+        _check_name(sid, path + ("id",) if "id" in params else path, located, what="stage id", example=f"{name}-2")
+        if sid.lower() in RESERVED_IDS:
+            raise FuseError("F103", f"stage id {_show(sid)} is a file Fuse keeps in the workdir", file=file,
+                            line=located.at(path + ("id",)), key=_fmt(path + ("id",)), fix=f"use id: {name}-2")
+        if sid.lower() in seen:  # merge and Merge would share a directory where case does not count (macOS)
+            raise FuseError("F106", f"stage id {_show(sid)} is used twice (first at line {seen[sid.lower()]})",
+                            file=file, line=located.at(path), key=_fmt(path),
                             fix=f"give one of them its own id, e.g. id: {sid}-2")
-        seen[sid] = located.at(path)
+        seen[sid.lower()] = located.at(path)
         from_id = params.get("from")
         if from_id is not None:
             _check_type(from_id, Param(str), path + ("from",), located)
@@ -438,13 +633,11 @@ def _load_stages(items, here, interp, located) -> list[StageSpec]:
 
 
 def _resolve_value(value, spec: Param, path, here, interp, located):
-    value, recorded = interp.expand(value, path)
+    value, recorded = interp.expand(value, path, _no_secret(spec))
     value = _check_type(value, spec, path, located)
     if spec.type == "path" and value is not None:
-        p = Path(os.path.expanduser(value))
-        value = str(p if p.is_absolute() else (here / p).resolve())
-        if "${env." not in str(recorded):
-            recorded = value
+        _check_path_text(value, path, located)
+        value = str(_resolve(Path(os.path.expanduser(value)), here, path, located))
     if "${env." not in str(recorded):
         recorded = value
     return value, recorded
@@ -453,7 +646,7 @@ def _resolve_value(value, spec: Param, path, here, interp, located):
 def _check_keys(data: dict, schema: dict, path, located):
     for key in data:
         if key not in schema:
-            raise FuseError("F102", f"unknown key '{key}'", file=located.file, line=located.at(path + (key,)),
+            raise FuseError("F102", f"unknown key {_show(key)}", file=located.file, line=located.at(path + (key,)),
                             key=_fmt(path + (key,)), fix=_suggest(key, list(schema), "key"))
 
 
@@ -462,7 +655,10 @@ def _check_type(value, spec: Param, path, located):
     want = str if spec.type == "path" else spec.type
     ok = isinstance(value, want)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
+        try:
+            value, ok = float(value), True
+        except OverflowError:  # an int past 1e308
+            ok = False
     if want is float and isinstance(value, str):  # YAML 1.1 reads a bare 1e-12 as a string
         try:
             value, ok = float(value), True
@@ -470,43 +666,61 @@ def _check_type(value, spec: Param, path, located):
             pass
     if want is int and isinstance(value, bool):
         ok = False
+    if want is float and ok and math.isnan(value):
+        ok = False
     if value is None and spec.default is None:
         ok = True
     if not ok:
         got = type(value).__name__ if value is not None else "nothing"
-        raise FuseError("F103", f"expected {spec.describe()}, got {got} {value!r}"[:200], file=located.file,
+        raise FuseError("F103", f"expected {spec.describe()}, got {got} {_show_value(value)}", file=located.file,
                         line=located.at(path), key=_fmt(path))
     if spec.choices and value not in spec.choices:
-        raise FuseError("F103", f"{value!r} is not allowed", file=located.file, line=located.at(path),
+        raise FuseError("F103", f"{_show_value(value)} is not allowed", file=located.file, line=located.at(path),
                         key=_fmt(path), fix=f"use {spec.describe()}")
     return value
 
 
+def _show_value(value) -> str:
+    """A value of any type for a message: strings as :func:`_show`, others as repr, cut to one short line."""
+    return _show(value) if isinstance(value, str) else _show(repr(value))[1:-1]
+
+
 def _suggest(word: str, options, what: str) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    close = difflib.get_close_matches(str(word)[:100], [str(o) for o in options], n=1)
     valid = ", ".join(str(o) for o in options)
     return (f"did you mean '{close[0]}'? " if close else "") + f"valid {what}s: {valid}"
 
 
+def _set_value(text: str):
+    """The value of ``--set id.param=TEXT``: YAML with the file's limits, else the text itself."""
+    if text == "":
+        return ""
+    try:
+        return _compose(text, "--set")[0]
+    except FuseError:
+        return text
+
+
 def _apply_overrides(stages: list[StageSpec], overrides, here, interp, located):
     for text in overrides:
+        # a value typed (or expanded by the shell: --set x.y=$MY_TOKEN) that is a secret-named variable's value
+        # is read as ${env.VAR}: recorded as the placeholder, never printed, refused in a path or published field
+        text = _secrets.as_placeholders(text)
         m = re.fullmatch(r"([\w.-]+?)\.([\w-]+)=(.*)", text, re.S)
         if not m:
-            raise FuseError("F109", f"cannot read --set '{text}'", file="--set",
+            raise FuseError("F109", f"cannot read --set {_show(text)}", file="--set",
                             fix="write --set <stage id>.<param>=<value>, e.g. --set merge.dtype=float16")
         sid, key, raw_value = m.groups()
+        shown = _show(text)[1:-1]
         target = next((s for s in stages if s.id == sid), None)
         if target is None:
-            raise FuseError("F109", f"--set names stage id '{sid}', which is not in the pipeline", file="--set",
-                            key=text, fix=_suggest(sid, [s.id for s in stages], "stage id"))
+            raise FuseError("F109", f"--set names stage id {_show(sid)}, which is not in the pipeline", file="--set",
+                            key=shown, fix=_suggest(sid, [s.id for s in stages], "stage id"))
         schema = target.module.PARAMS
         if key not in schema:
-            raise FuseError("F109", f"stage '{target.name}' has no parameter '{key}'", file="--set", key=text,
+            raise FuseError("F109", f"stage '{target.name}' has no parameter {_show(key)}", file="--set", key=shown,
                             fix=_suggest(key, list(schema), "parameter"))
-        try:
-            value = yaml.safe_load(raw_value) if raw_value != "" else ""
-        except yaml.YAMLError:
-            value = raw_value
+        value = _set_value(raw_value)
         if schema[key].type in (str, "path") and not isinstance(value, str) and value is not None:
             value = raw_value
         sub = _Located("--set")
@@ -515,7 +729,8 @@ def _apply_overrides(stages: list[StageSpec], overrides, here, interp, located):
             value, rec = _resolve_value(value, schema[key], (sid, key), here, interp, sub)
         except FuseError as e:
             f = e.finding
-            raise FuseError("F109", f"--set {text}: {f.message}", file="--set", key=text, fix=f.fix) from None
+            raise FuseError("F113" if f.code == "F113" else "F109", f"--set {shown}: {f.message}", file="--set",
+                            key=shown, fix=f.fix) from None
         target.params[key], target.recorded[key] = value, rec
 
 
@@ -525,7 +740,7 @@ def _link_stages(stages: list[StageSpec], located):
         before = stages[:i]
         if s.from_id is not None:
             if s.from_id not in [b.id for b in before]:
-                raise FuseError("F108", f"'from: {s.from_id}' names no earlier stage", file=located.file,
+                raise FuseError("F108", f"'from: {_show(s.from_id)[1:-1]}' names no earlier stage", file=located.file,
                                 line=s.line, key=f"{s.id}.from",
                                 fix=_suggest(s.from_id, [b.id for b in before], "earlier stage id"))
             up = next(b for b in before if b.id == s.from_id)
