@@ -333,12 +333,16 @@ class Runner:
         if not need:
             return
         stage = self.p.stage(next(iter(need)))
-        mods = sorted({f"{m} (fuse-llm[{extra}])" for ms in need.values() for m, extra in ms})
-        extras = ",".join(sorted({extra for ms in need.values() for _, extra in ms}))
+        from .extras import install_fix
+
+        mods = sorted({f"{m} (extra '{extra}')" for ms in need.values() for m, extra in ms})
+        by_extra: dict = {}
+        for m, extra in (pair for ms in need.values() for pair in ms):
+            by_extra.setdefault(extra, []).append(m)
         raise FuseError("F602", f"stage{'s' if len(need) > 1 else ''} {', '.join(need)} need"
                         f"{'' if len(need) > 1 else 's'} packages that are not installed: {', '.join(mods)}",
                         file=self.p.path, line=stage.line, key=stage.id,
-                        fix=f"pip install 'fuse-llm[{extras}]' (or run the stages before it here and the rest "
+                        fix=f"{install_fix(by_extra)} (or run the stages before it here and the rest "
                             "where they are installed: --until / --from)")
 
     def _check_upstream_done(self, s: StageSpec, selected: list[StageSpec]):

@@ -125,8 +125,9 @@ def _bitsandbytes(what: str):
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401
     except ImportError:
+        from stages.extras import install_fix
         raise FuseError("F209", f"{what} needs bitsandbytes, which is not installed",
-                        fix="pip install 'fuse-llm[qlora]' (bitsandbytes runs on CPU)") from None
+                        fix=install_fix({"qlora": []}) + " (bitsandbytes runs on CPU)") from None
     return bitsandbytes
 
 

@@ -33,7 +33,7 @@ from ..metrics import THRESHOLD_PARAMS, gate_params
 from ..pipeline import Param
 
 NAME = "export"
-VERSION = 1
+VERSION = 2  # 2: the exporter's debugging metadata (stack traces with local paths) is scrubbed from the graph
 INPUT = ("hf-model",)  # the merged full-precision model; quantize's output is another kind
 OUTPUT = "onnx-model"
 LIBS = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
@@ -110,12 +110,13 @@ def run(ctx) -> dict:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
+        from ..extras import install_fix
         raise FuseError("F602", f"export needs onnx, onnxscript and onnxruntime ({e})",
-                        fix="pip install 'fuse-llm[export]'") from None
+                        fix=install_fix({"export": []})) from None
     with captured(log_file):
         model = exporter.load_model(src, p["dtype"])
     quantize = p["quantize"] != "none"
-    scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{NAME}-{sid}-scratch-", dir=ctx.workdir)) if quantize else None
+    scratch = Path(tempfile.mkdtemp(prefix=f"{Path(ctx.output_dir).name}-scratch-", dir=ctx.workdir)) if quantize else None
     try:
         target = (scratch if quantize else out) / "model.onnx"
         ctx.log(f"  export: torch.onnx (dynamo), {p['dtype']}, with_past {str(p['with_past']).lower()} "
@@ -154,6 +155,8 @@ def run(ctx) -> dict:
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+    if quantize:  # ORT's quantizers copy metadata they find; a scrubbed graph has none, this keeps it so
+        exporter.scrub_file(out / "model.onnx")
     files = sorted(f.name for f in out.iterdir())  # the graph and its data file(s), before the side files
     _copy_side_files(src, out)
 
@@ -234,7 +237,6 @@ def _gate(ctx, ref_dir: Path, onnx_path: Path, ref_model, vocab, log_file: Path)
         failures.append(f"decode_max_abs_diff {decode_diff:.4g} > max_abs_diff {limits['max_abs_diff']:g}")
     how = "through its KV cache" if lm.with_past else "without cache"
     ctx.log(f"  export: gate on {source}, {k} greedy decodes of {n} tokens {how}, in "
-            f"{time.perf_counter() - started:.1f}s: " +
-            ", ".join(f"{key} {values[key]:.4g}" for key in gate.KEY_METRICS + ("decode_max_abs_diff",))
-            + ("" if failures else " (pass)"))
+            f"{time.perf_counter() - started:.1f}s: "
+            f"{M.describe(values, limits, gate.KEY_METRICS + ('decode_max_abs_diff',))}; {M.verdict(failures, limits)}")
     return values, failures, {key: v for key, v in limits.items() if v is not None}, source

@@ -315,8 +315,8 @@ def _gate(ctx, ref_dir: Path, test_dir: Path, device: str, bits: int, vocab, log
     del test_model
     values = M.compare(ref, test, prompts)
     failures = M.gate(values, limits)
-    ctx.log(f"  quantize: gate in {time.perf_counter() - started:.1f}s: " +
-            ", ".join(f"{k} {values[k]:.4g}" for k in gate.KEY_METRICS) + ("" if failures else " (pass)"))
+    ctx.log(f"  quantize: gate in {time.perf_counter() - started:.1f}s: "
+            f"{M.describe(values, limits, gate.KEY_METRICS)}; {M.verdict(failures, limits)}")
     return values, failures, {k: v for k, v in limits.items() if v is not None}, source
 
 
@@ -334,8 +334,9 @@ def _load(model_dir: Path, device: str, quantized: bool):
                 model_dir, dtype=torch.float32 if device == "cpu" else "auto",
                 device_map="cuda:0" if device == "cuda" else "cpu")
     except ImportError as e:
+        from ..extras import install_fix
         raise FuseError("F602", f"transformers cannot load the quantized checkpoint: {str(e).splitlines()[0]}",
-                        file=str(model_dir), fix="pip install 'fuse-llm[quantize]' (gptqmodel and optimum)") from None
+                        file=str(model_dir), fix=install_fix({"quantize": []})) from None
     model.eval()
     return model if device == "cpu" else _on_device(model)
 
