@@ -26,6 +26,7 @@ from .. import card
 from ..findings import FuseError
 from ..manifest import file_record, tool_version
 from ..pipeline import Param, upstream_of
+from ..secrets import remember
 
 NAME = "publish"
 VERSION = 2
@@ -35,17 +36,20 @@ LIBS = ()
 TARGETS = ("dir", "hub", "s3")
 PARAMS = {
     "to": Param(str, choices=TARGETS, help="where to publish: dir, hub or s3"),
-    "path": Param("path", None, help="target directory (to: dir)"),
-    "repo_id": Param(str, None, help="Hub model repo, org/name (to: hub)"),
+    "path": Param("path", None, help="target directory (to: dir)", published=True),
+    "repo_id": Param(str, None, help="Hub model repo, org/name (to: hub)", published=True),
     "private": Param(bool, None, help="create the Hub repo private (default true; an existing repo keeps its own)"),
-    "revision": Param(str, None, help="Hub branch to commit to (default main; created if missing)"),
-    "tag": Param(str, None, help="Hub tag put on the verified commit; an existing tag must hold the same files"),
-    "message": Param(str, None, help="Hub commit message"),
-    "url": Param(str, None, help="s3://bucket/prefix (to: s3)"),
+    "revision": Param(str, None, help="Hub branch to commit to (default main; created if missing)", published=True),
+    "tag": Param(str, None,
+                 help="Hub tag put on the verified commit; an existing tag must hold the same files", published=True),
+    "message": Param(str, None, help="Hub commit message", published=True),
+    "url": Param(str, None, help="s3://bucket/prefix (to: s3)", published=True),
     "region": Param(str, None, help="S3 region (to: s3)"),
     "part_size": Param(str, None, help="S3 multipart part size, e.g. 64MB (to: s3; default 64MB)"),
-    "endpoint": Param(str, None, help="Hub endpoint (default HF_ENDPOINT or huggingface.co) or S3 endpoint URL"),
-    "card": Param("path", None, help="model card template (Markdown): its sections replace or extend Fuse's"),
+    "endpoint": Param(str, None,
+                      help="Hub endpoint (default HF_ENDPOINT or huggingface.co) or S3 endpoint URL", published=True),
+    "card": Param("path", None,
+                  help="model card template (Markdown): its sections replace or extend Fuse's", published=True),
 }
 
 
@@ -192,6 +196,7 @@ def run(ctx) -> dict:
         outcome = sync(pub, files)
     finally:
         ctx.manifest.secrets |= pub.secrets  # never written down, even in an error message
+        remember(pub.secrets)  # ...nor printed, wherever this process prints
     return _metrics(ctx, to, pub, outcome, files)
 
 
