@@ -76,17 +76,17 @@ def check_write(write, reads: list[tuple[str, Path]], *, what: str, here: Path |
     """F111 unless ``write`` keeps clear of every read path, the pipeline's directory and the
     protected directories. ``where`` is the finding's file/line/key."""
     w = resolved(write)
-    for label, p in reads:
-        rel = relation(w, resolved(p))
-        if rel:
-            raise FuseError("F111", f"{what} {w} {rel} {label} {p}, which the run reads", fix=fix, **where)
+    for label, p in protected(here):
+        if w == p:
+            raise FuseError("F111", f"{what} {w} is {label}", fix=fix, **where)
     if here is not None:
         rel = relation(w, here)
         if rel in ("is", "contains"):
             raise FuseError("F111", f"{what} {w} {rel} the pipeline file's directory {here}", fix=fix, **where)
-    for label, p in protected(here):
-        if w == p:
-            raise FuseError("F111", f"{what} {w} is {label}", fix=fix, **where)
+    for label, p in reads:
+        rel = relation(w, resolved(p))
+        if rel:
+            raise FuseError("F111", f"{what} {w} {rel} {label} {p}, which the run reads", fix=fix, **where)
 
 
 def run_reads(pipeline) -> list[tuple[str, Path]]:

@@ -145,3 +145,110 @@ def test_redaction_keeps_the_manifest_valid_json(tmp_path):
     m.save()
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert data["flag"] is False and data["nested"] == {"***": ["x *** y"]}
+
+
+# --------------------------------------------------------------------------- schema (issue 12)
+
+import pytest  # noqa: E402
+
+from stages.findings import FuseError  # noqa: E402
+
+
+def _f404(tmp_path) -> str:
+    with pytest.raises(FuseError) as e:
+        mf.Manifest.load(tmp_path)
+    f = e.value.finding
+    assert f.code == "F404" and "move the workdir aside" in f.fix and f.file.endswith("manifest.json")
+    return f.message
+
+
+@pytest.mark.parametrize("data, says", [
+    ([], "holds a JSON list, not an object"),
+    ("manifest", "holds a JSON str"),
+    ({"stages": {}}, "'schema_version' is missing"),
+    ({"schema_version": "1", "stages": {}}, "schema_version is the string \"1\", not the number 1"),
+    ({"schema_version": True, "stages": {}}, "schema_version: not an integer"),
+    ({"schema_version": 7, "stages": {}}, "schema_version 7 is from a newer Fuse; this one reads 1"),
+    ({"schema_version": 1}, "'stages' is missing"),
+    ({"schema_version": 1, "stages": []}, "stages: an object of stage records, not list"),
+    ({"schema_version": 1, "stages": {"merge": {"status": "done", "output_dir": "merge", "outputs": "x"}}},
+     "stages.merge.outputs: not a list"),
+    ({"schema_version": 1, "stages": {"merge": {"status": "done", "output_dir": "../../etc", "outputs": []}}},
+     "stages.merge.output_dir: \"../../etc\" is not a plain directory name"),
+    ({"schema_version": 1, "stages": {"merge": {"status": "done", "output_dir": "merge",
+                                                "outputs": [{"path": "../x", "size": 1, "sha256": "0" * 64}]}}},
+     "is not a plain relative path"),
+    ({"schema_version": 1, "stages": {"merge": {"status": "done", "output_dir": "merge",
+                                                "outputs": [{"path": "x", "size": True, "sha256": "0" * 64}]}}},
+     "stages.merge.outputs[0].size: a size in bytes, not bool"),
+    ({"schema_version": 1, "stages": {"merge": {"status": "weird"}}}, '"weird" is not one of running, done'),
+    ({"schema_version": 1, "stages": {"merge": {"status": "running", "temp": ["../../home"]}}},
+     "is not a Fuse temp name"),
+])
+def test_a_manifest_of_the_wrong_shape_is_F404_with_a_message_that_says_why(tmp_path, data, says):
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    message = _f404(tmp_path)
+    assert says in message and "schema 1 is not 1" not in message
+
+
+def test_a_manifest_that_is_a_directory_or_not_utf8_is_F404(tmp_path):
+    (tmp_path / "manifest.json").mkdir()
+    assert "is a directory" in _f404(tmp_path)
+    (tmp_path / "manifest.json").rmdir()
+    (tmp_path / "manifest.json").write_bytes(b"\xff\xfe{}")
+    assert "not UTF-8" in _f404(tmp_path)
+    (tmp_path / "manifest.json").write_text("[" * 100000)  # deep nesting: RecursionError inside json
+    assert "not valid JSON" in _f404(tmp_path)
+
+
+def test_a_manifest_written_by_this_fuse_passes_the_schema(tmp_path):
+    m, _ = _manifest_with_output(tmp_path)
+    assert mf.Manifest.load(tmp_path).stages == json.loads((tmp_path / "manifest.json").read_text())["stages"]
+
+
+def test_a_broken_stat_cache_is_discarded_entry_by_entry(tmp_path):
+    good = [10, 1, 2, "a" * 64]
+    for text in ("{oops", "[1, 2]", '"x"', "null", "[" * 100000):
+        (tmp_path / "c.json").write_text(text)
+        assert mf.StatCache(tmp_path / "c.json").entries == {}
+    (tmp_path / "c.json").write_text(json.dumps({"/a": good, "/b": [1, 2], "/c": [1, 2, 3, 4], "/d": "x",
+                                                 "/e": [True, 1, 2, "a" * 64], "/f": [1, 2, 3, "A" * 64]}))
+    assert mf.StatCache(tmp_path / "c.json").entries == {"/a": good}
+    (tmp_path / "d.json").mkdir()
+    assert mf.StatCache(tmp_path / "d.json").entries == {}
+
+
+def test_leftovers_are_only_what_fuse_recorded_or_its_exact_temp_names(tmp_path):
+    m = mf.Manifest(tmp_path)
+    m.stages["merge"] = {"status": "running", "stage": "merge", "output_dir": "merge",
+                         "temp": [".tmp-merge-merge-0123abcd", ".trash-merge-0123abcd"]}
+    m.stages["old"] = {"status": "running", "stage": "export"}  # written before 0.2: no "temp"
+    m.save()
+    fuse_made = [".tmp-merge-merge-0123abcd", ".trash-merge-0123abcd", ".tmp-merge-merge-0123abcd-scratch-x1",
+                 ".tmp-export-old-89abcdef", ".tmp-export-old-scratch-k2_j", ".manifest.json.0a1b2c3d.tmp",
+                 "..fuse-statcache.json.0a1b2c3d.tmp"]
+    users = [".tmp-notes", ".tmp-merge-merge-ffffffff", ".trash-mine", ".manifest.json.backup.tmp",
+             ".tmp-export-other-89abcdef"]
+    for n in fuse_made + users:
+        (tmp_path / n).mkdir() if n.startswith((".tmp-", ".trash-")) else (tmp_path / n).write_text("x")
+    assert sorted(p.name for p in m.leftovers()) == sorted(fuse_made)
+
+
+def test_an_output_dir_that_gained_a_file_no_longer_verifies(tmp_path):
+    m, out = _manifest_with_output(tmp_path)
+    (out / "sub").mkdir()
+    (out / "sub" / "notes.txt").write_text("mine")
+    problems = m.verify_outputs("merge")
+    assert problems == [f"{out / 'sub/notes.txt'}: extra file, not in the manifest"]
+    assert m.extra_files("merge") == ["sub/notes.txt"]
+
+
+def test_crash_point_costs_nothing_unset_and_kills_on_the_nth_hit(tmp_path):
+    code = ("from stages import manifest as mf\n"
+            "for i in range(5):\n    mf.crash_point('a'); mf.crash_point('b'); print(i, flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "FUSE_TEST_KILL_AT"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.split() == ["0", "1", "2", "3", "4"]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "FUSE_TEST_KILL_AT": "b#3"})
+    assert r.returncode == 137 and r.stdout.split() == ["0", "1"]
