@@ -173,7 +173,7 @@ def _row(sid: str, rec: dict | None, stage_name: str | None, workdir: Path, ran:
         row.output_kind = getattr(stage_module(stage), "OUTPUT", None)
     except ImportError:
         row.output_kind = None
-    if status == "done" and row.output_kind:
+    if status == "done" and (row.output_kind or stage == "publish"):  # publish keeps its card, provenance, SHA256SUMS
         row.output_dir = (workdir / rec.get("output_dir", sid)).resolve()
     if status == "done" and stage == "publish":
         row.published = _published_url(rec)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,9 @@ def test_run_sets_outputs_writes_the_summary_and_groups_the_log(workspace):
     assert out["status"] == "success"
     assert Path(out["manifest"]) == workspace / "runs/tiny-action/manifest.json"
     assert Path(out["model-dir"]) == workspace / "runs/tiny-action/merge"
+    dirs = json.loads(out["stage-dirs"])
+    assert dirs == {sid: str(workspace / "runs/tiny-action" / sid) for sid in ("validate", "merge", "publish")}
+    assert (Path(dirs["publish"]) / "SHA256SUMS").is_file()  # what was published: card, provenance, sums
     assert (Path(out["model-dir"]) / "config.json").is_file()
     assert json.loads(out["published"]) == [(workspace / "dist/tiny-action").as_uri()]
     assert "| `merge` | ✅ ran |" in r.summary and "3 stages: 3 ran, 0 fresh and skipped." in r.summary
@@ -168,14 +173,120 @@ def test_set_from_and_only_reach_the_cli(workspace):
 
 
 def test_a_failed_stage_is_reported_with_its_error(workspace):
-    (workspace / "dist/tiny-action").mkdir(parents=True)
-    (workspace / "dist/tiny-action/someone-elses.txt").write_text("keep me")
+    (workspace / "dist").mkdir()
+    (workspace / "dist/tiny-action").write_text("a file where the publish target directory should be")
     r = run_action({"pipeline": "pipeline.yaml"}, cwd=workspace)
     assert r.outputs["status"] == "failed"
     assert r.steps["run"]["outputs"]["exit-code"] == "1"
-    assert re.search(r"\| `publish` \| ❌ failed \| .*\*\*F501 ", r.summary), r.summary
+    assert re.search(r"\| `publish` \| ❌ failed \| .*\*\*F5\d\d ", r.summary), r.summary
     assert r.outputs["model-dir"].endswith("/merge")  # the merge is done and usable
     assert json.loads(r.outputs["published"]) == []
+
+
+def test_a_missing_extra_names_the_actions_extras_input(workspace, tmp_path):
+    """Inside the action, F602's fix is the `extras` input (fuse-llm is not on PyPI), keeping the extras already set."""
+    (workspace / "pipeline.yaml").write_text(PIPELINE + "  - export: {with_past: false, optimize: false}\n")
+    blocker = tmp_path / "no-onnxscript"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['onnxscript'] = None\n")
+    r = run_action({"pipeline": "pipeline.yaml", "extras": "gguf"}, cwd=workspace,
+                   env={"PYTHONPATH": str(blocker)})
+    assert r.outputs["status"] == "invalid" or r.steps["run"]["outcome"] == "failure", r.log
+    assert re.search(r"^::error file=[^,]*pipeline\.yaml,line=10,title=F602 ", r.log, re.M), r.log
+    assert "set the action's input `extras: gguf,export`" in r.log and "fuse-llm[" not in r.log
+    assert not (workspace / "runs/tiny-action/merge").exists()  # stopped before any stage
+
+
+def test_outside_the_action_f602_names_the_packages_of_the_extra(monkeypatch):
+    """One table: pyproject.toml's optional-dependencies, read back through the installed metadata."""
+    import shlex
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from stages import extras
+
+    monkeypatch.delenv("FUSE_ACTION", raising=False)
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    def norm(reqs):
+        return sorted((r.name, r.specifier, r.extras) for r in map(Requirement, reqs))
+
+    for extra, reqs in table.items():
+        assert norm(extras.requirements(extra)) == norm(reqs), extra
+    fix = extras.install_fix({"export": ["onnxscript"]})
+    assert fix == "pip install " + " ".join(f"'{r}'" for r in extras.requirements("export")), fix
+    assert norm(shlex.split(fix)[2:]) == norm(table["export"])
+    assert extras.install_fix({"no-such-extra": ["foo"]}) == "pip install foo"
+    monkeypatch.setenv("FUSE_ACTION", "1")
+    monkeypatch.setenv("FUSE_ACTION_EXTRAS", "")
+    assert extras.install_fix({"quantize": [], "export": []}) == "set the action's input `extras: export,quantize`"
+
+
+def test_the_actions_python_leaves_the_jobs_python_alone():
+    """setup-python only provides the interpreter of Fuse's venv (update-environment: false):
+    later steps of the job keep their PATH and Python. (Run for real under act: .ci/lint-actions.)"""
+    spec = yaml.safe_load((ROOT / "action.yml").read_text())
+    setup = next(s for s in spec["runs"]["steps"] if s.get("uses", "").startswith("actions/setup-python@"))
+    assert setup["with"]["update-environment"] is False
+    prep = next(s for s in spec["runs"]["steps"] if s.get("id") == "prep")
+    assert prep["env"]["FUSE_SETUP_PYTHON"] == f"${{{{ steps.{setup['id']}.outputs.python-path }}}}"
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# a stand-in interpreter: records what it was run with, in which environment
+{ printf 'ARGS %s\n' "$*"; env; } >> "$FAKE_PYTHON_LOG"
+case "$1 $2" in
+  "-m venv") mkdir -p "$3/bin" && cp "$0" "$3/bin/python" ;;
+  "-c "*) echo "$FAKE_PYTHON_SITE" ;;  # a version, a site-packages dir: any answer does
+esac
+"""
+
+
+@pytest.mark.parametrize("torch_build", ["cpu", "preinstalled"])
+def test_secrets_on_the_step_never_reach_the_install(tmp_path, torch_build):
+    """HF_TOKEN (and any secret-named variable) set on the action's step is for Fuse's run: the
+    prep and install steps, pip and the build backends it runs, never see it."""
+    from actionsim import evaluate
+
+    spec = yaml.safe_load((ROOT / "action.yml").read_text())
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    secrets = {"HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET + "x", "my_api_key": SECRET + "y"}
+    ctx = {"inputs": {"torch": torch_build, "extras": "export"},
+           "steps": {"prep": {"outputs": {"python": str(fake), "extras": "export", "venv": str(tmp_path / "venv"),
+                                          "key": "k", "cache-dir": str(tmp_path / "pip")}},
+                     "python": {"outputs": {"python-path": str(fake)}}}}
+    env = {**{k: v for k, v in os.environ.items() if k == "PATH"}, **secrets,
+           "FAKE_PYTHON_LOG": str(log), "FAKE_PYTHON_SITE": str(tmp_path), "GITHUB_ACTION_PATH": str(ROOT), "RUNNER_TEMP": str(tmp_path),
+           "RUNNER_OS": "Linux", "RUNNER_ARCH": "X64"}
+    for step in spec["runs"]["steps"]:
+        if step.get("id") not in ("prep", "install"):
+            continue
+        out = tmp_path / f"{step['id']}.out"
+        step_env = {k: evaluate(v, ctx) for k, v in (step.get("env") or {}).items()}
+        r = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+                                         env={**env, **step_env, "GITHUB_OUTPUT": str(out)}, cwd=tmp_path,
+                                         capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    calls = log.read_text()
+    assert "ARGS -m pip install" in calls and "ARGS -m stages --version" in calls  # the install really ran
+    assert SECRET not in calls and "HF_TOKEN" not in calls, "a secret reached the install"
+    assert "FAKE_PYTHON_LOG" in calls  # ordinary variables do
+
+
+def test_model_dir_is_the_merged_model_and_stage_dirs_name_every_output(tmp_path):
+    rows = [report.StageRow(id=sid, stage=stage, state="done", seconds=1.0, output_dir=tmp_path / sid,
+                            output_kind=kind)
+            for sid, stage, kind in [("validate", "validate", "report"), ("merge", "merge", "hf-model"),
+                                     ("quantize", "quantize", "quantized-model"), ("export", "export", "onnx-model")]]
+    rows.append(report.StageRow(id="check", stage="check", state="not run", seconds=None))
+    r = report.Report(name="n", status="success", pipeline=None, workdir=tmp_path, manifest=None, rows=rows)
+    out = r.outputs()
+    assert out["model-dir"] == str(tmp_path / "merge")
+    assert json.loads(out["stage-dirs"]) == {sid: str(tmp_path / sid) for sid in ("validate", "merge", "quantize",
+                                                                                   "export")}
 
 
 # --------------------------------------------------------------------------- reporting pieces

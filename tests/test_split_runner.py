@@ -101,7 +101,7 @@ def test_split_runner_example_resumes_on_the_second_runner(tmp_path, inputs):
                 continue
             if uses.startswith("actions/upload-artifact@"):
                 src = runner / args["path"]
-                if src.is_dir():
+                if args["path"].rstrip("/") == env["WORKDIR"]:
                     assert args.get("include-hidden-files") == "true", \
                         f"{job}: uploading a workdir needs include-hidden-files: true"
                 dest = store / args["name"] / (src.name if src.is_file() else "")
@@ -136,6 +136,12 @@ def test_split_runner_example_resumes_on_the_second_runner(tmp_path, inputs):
     assert "[quantize] running" in gpu_logs and "[publish-gptq] running" in gpu_logs
     assert "[validate] running" not in gpu_logs and "[merge] running" not in gpu_logs
     assert (gpu / "dist/support-v2-gptq/SHA256SUMS").is_file() and not (cpu / "dist").exists()
+    # the finished models leave the self-hosted runner as an artifact, checksums intact
+    models = store / "fuse-models-4242-1"
+    for name in ("support-v2", "support-v2-gptq"):
+        r = subprocess.run(["sha256sum", "--check", "--strict", "--quiet", "SHA256SUMS"], cwd=models / name,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stdout, r.stderr)
     assert not (cpu / workdir / "quantize").exists()
 
     # the second runner sees the whole pipeline fresh: a full run there runs nothing
