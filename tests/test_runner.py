@@ -193,6 +193,8 @@ def test_kill_9_during_merge_then_resume_gives_identical_outputs(project, tmp_pa
 
     proc = start_paused(project, "run", "pipeline.yaml")
     assert list((project / "runs/tiny").glob(".tmp-merge-*"))  # half-written output exists, in a temp dir only
+    live = json.loads(fuse("status", "pipeline.yaml", "--json", cwd=project).stdout)
+    assert live[1]["state"] == "running" and live[1]["why"].startswith("running now (pid "), live[1]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (project / "runs/tiny/merge").exists()
@@ -386,3 +388,144 @@ def test_a_dangling_link_in_the_base_is_a_finding_not_a_traceback(project, tmp_p
     r = fuse("run", "pipeline.yaml", cwd=project, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "F205" in r.stderr and "extra.json" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- issue 12: ownership, I/O errors
+
+
+def one_finding(r, code: str, exit_code: int) -> str:
+    assert r.returncode == exit_code and "Traceback" not in r.stderr and "bug in Fuse" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error {code} "), r.stderr
+    return errors[0]
+
+
+def test_a_user_folder_named_like_a_stage_is_never_deleted(project):
+    """out/merge/train.py where merge never ran in out: F408 (exit 2) before any stage, the file stays."""
+    write_pipeline(project, workdir="out")
+    (project / "out/merge").mkdir(parents=True)
+    (project / "out/merge/train.py").write_text("print('mine')\n")
+    line = one_finding(fuse("run", "pipeline.yaml", cwd=project, check=False), "F408", 2)
+    assert str(project / "out/merge") in line and "was not written by Fuse" in line
+    assert (project / "out/merge/train.py").read_text() == "print('mine')\n"
+    assert not (project / "out/manifest.json").exists()  # no stage began
+
+
+def test_user_temp_entries_survive_and_fuse_temp_files_do_not(project):
+    w = project / "runs/tiny"
+    users = [".tmp-notes/a.txt", ".tmp-merge-merge-0badc0de/x", ".trash-merge-0badc0de/y", ".manifest.json.mine.tmp"]
+    for rel in users:
+        (w / rel).parent.mkdir(parents=True, exist_ok=True)
+        (w / rel).write_text(rel)
+    fuse("run", "pipeline.yaml", cwd=project)
+    (w / ".manifest.json.0a1b2c3d.tmp").write_text('{"schema_version": 1, "sta')  # a manifest write killed
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "0 ran" in r.stderr and not (w / ".manifest.json.0a1b2c3d.tmp").exists()
+    assert all((w / rel).read_text() == rel for rel in users)
+
+    # a file added to Fuse's own output: verify names it, and a run that would replace the output refuses
+    (w / "merge/notes.txt").write_text("eval notes")
+    r = fuse("verify", str(w), cwd=project, check=False)
+    assert r.returncode == 1 and "merge/notes.txt: extra file, not in the manifest" in r.stderr
+    line = one_finding(fuse("run", "pipeline.yaml", cwd=project, check=False), "F408", 2)
+    assert "merge/notes.txt" in line
+    assert (w / "merge/notes.txt").read_text() == "eval notes"
+
+
+def test_a_read_only_workdir_is_one_finding(project, tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
+    try:
+        write_pipeline(project, workdir=str(mnt / "w"))
+        line = one_finding(fuse("run", "pipeline.yaml", cwd=project, check=False), "F409", 1)
+        assert str(mnt / "w") in line and "read-only file system" in line
+        assert fuse("status", "pipeline.yaml", cwd=project).returncode == 0  # status writes nothing
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+FAILING_IO = textwrap.dedent("""
+    import errno, os, sys
+    from pathlib import Path
+    from stages import manifest as mf
+    kind, where = os.environ["FUSE_TEST_FAIL"].split(":")
+    code = {"ENOSPC": errno.ENOSPC, "EACCES": errno.EACCES, "ENAMETOOLONG": errno.ENAMETOOLONG}[kind]
+    real_write, real_mkdir = mf.atomic_write, Path.mkdir
+    def atomic_write(path, data):
+        if where == "manifest" and Path(path).name == "manifest.json" and b'"running"' in data:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_write(path, data)
+    def mkdir(self, *a, **kw):
+        if where == "tmp" and self.name.startswith(".tmp-merge-"):
+            raise OSError(code, os.strerror(code), str(self))
+        return real_mkdir(self, *a, **kw)
+    mf.atomic_write, Path.mkdir = atomic_write, mkdir
+    from stages.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("fail, code, says", [
+    ("ENOSPC:manifest", "F402", "disk full writing"),  # ENOSPC at stage start: the "running" record
+    ("EACCES:tmp", "F409", "not writable (permission denied)"),  # the stage's temp dir
+    ("ENAMETOOLONG:tmp", "F409", "name too long"),
+])
+def test_an_os_error_of_the_runner_is_one_finding_naming_the_path(project, fail, code, says):
+    r = subprocess.run([sys.executable, "-c", FAILING_IO, "run", "pipeline.yaml"], cwd=project, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "FUSE_TEST_FAIL": fail, "HF_HUB_OFFLINE": "1"})
+    line = one_finding(r, code, 1)
+    assert says in line and str(project / "runs/tiny") in line
+    assert not list((project / "runs/tiny").glob(".tmp-*"))
+    r = fuse("run", "pipeline.yaml", cwd=project)  # the machine fixed: it resumes
+    first = "validate" if fail.endswith("manifest") else "merge"  # the stage that could not start
+    assert f"[{first}] running" in r.stderr and ("[validate] fresh" in r.stderr) == (first == "merge")
+
+
+def test_a_sparse_1_tib_adapter_is_refused_before_it_is_hashed(project, tmp_path):
+    """Its header claims far less than the file holds: refused by the header check, not after hashing 1 TiB."""
+    adapter = tmp_path / "sparse-adapter"
+    adapter.mkdir()
+    real = (project / "adapter").resolve()
+    for f in real.iterdir():
+        (adapter / f.name).write_bytes(f.read_bytes())
+    weights = adapter / "adapter_model.safetensors"
+    os.truncate(weights, 1 << 40)
+    (project / "adapter").unlink()
+    (project / "adapter").symlink_to(adapter)
+    r = fuse("run", "pipeline.yaml", cwd=project, check=False, timeout=120)  # hashing 1 TiB would not finish
+    line = one_finding(r, "F206", 2)
+    assert "adapter_model.safetensors" in line
+    assert not (project / "runs/tiny/.fuse-statcache.json").exists() or \
+        "adapter_model" not in (project / "runs/tiny/.fuse-statcache.json").read_text()
+
+
+OLD_MAIN = "e8e7d37"  # main before the ownership rule (issue 12): workdirs it wrote stay Fuse's
+
+
+def test_a_workdir_written_before_the_ownership_rule_is_still_fuses(project, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", OLD_MAIN, "stages"], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"no git history with {OLD_MAIN} here")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    r = fuse("run", "pipeline.yaml", cwd=project, env={"PYTHONPATH": str(old)})
+    assert "3 ran" in r.stderr
+    w = project / "runs/tiny"
+    assert "temp" not in manifest(project)["stages"]["merge"]  # really the old writer
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "0 ran, 3 fresh and skipped" in r.stderr
+    # the old runner's killed merge: a running record without "temp" and its temp dir
+    m = manifest(project)
+    m["stages"]["merge"] = {k: v for k, v in m["stages"]["merge"].items() if k not in ("output_dir", "outputs")}
+    m["stages"]["merge"]["status"] = "running"
+    (w / "manifest.json").write_text(json.dumps(m))
+    (w / ".tmp-merge-merge-1234abcd").mkdir()
+    (w / ".tmp-merge-merge-1234abcd/model.safetensors").write_bytes(b"half")
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "[merge] running: interrupted" in r.stderr and not (w / ".tmp-merge-merge-1234abcd").exists()
+    assert fuse("verify", str(w), cwd=project).returncode == 0
