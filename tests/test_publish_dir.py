@@ -387,27 +387,35 @@ DRIVER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from stages.findings import FuseError
-    from stages.publishers import dir as d
+    from stages.publishers import publisher_class
     from stages.publishers.base import LocalFile, sync
     spec = json.loads(Path(sys.argv[1]).read_text())
     files = [LocalFile(f["path"], Path(f["source"]), f["size"], f["sha256"]) for f in spec["files"]]
     try:
-        sync(d.Publisher({"path": spec["target"]}, log=print), files)
+        sync(publisher_class(spec["kind"])(spec["params"], log=print), files)
     except FuseError as e:
         print(e.finding.code, e.finding.message, file=sys.stderr)
         sys.exit(1)
 """)
 
 
-def run_driver(files, target: Path, kill: str | None = None) -> subprocess.CompletedProcess:
-    spec = target.parent / f"{target.name}.spec.json"
-    spec.write_text(json.dumps({"target": str(target), "files": [
+def run_publisher(kind: str, params: dict, files, spec: Path, kill: str | None = None, env: dict | None = None,
+                  popen=False):
+    """Publish in a subprocess (``FUSE_TEST_KILL_AT=kill`` ends it there), as the publish stage would."""
+    spec.write_text(json.dumps({"kind": kind, "params": params, "files": [
         {"path": f.path, "source": str(f.source), "size": f.size, "sha256": f.sha256} for f in files]}))
-    env = {k: v for k, v in os.environ.items() if k != "FUSE_TEST_KILL_AT"}
+    env = {**{k: v for k, v in os.environ.items() if k != "FUSE_TEST_KILL_AT"}, **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}  # None: unset
     if kill:
         env["FUSE_TEST_KILL_AT"] = kill
-    return subprocess.run([sys.executable, "-c", DRIVER, str(spec)], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=ROOT)
+    args = [sys.executable, "-c", DRIVER, str(spec)]
+    if popen:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+
+
+def run_driver(files, target: Path, kill: str | None = None) -> subprocess.CompletedProcess:
+    return run_publisher("dir", {"path": str(target)}, files, target.parent / f"{target.name}.spec.json", kill)
 
 
 PATHS = {1: ["1_Pooling/config.json", "config.json", "model.safetensors", "tokenizer.json"],

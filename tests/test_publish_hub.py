@@ -399,3 +399,53 @@ def test_parameters_are_checked_and_a_card_template_is_applied(hub, inputs, tmp_
         assert e.value.finding.code == code and words in e.value.finding.message, (params, e.value.finding)
         assert e.value.finding.line == 8  # the publish line of pipeline.yaml
     assert hub.requests == []
+
+
+# --------------------------------------------------------------------------- kills
+
+SLOW = os.environ.get("FUSE_SLOW") == "1"
+KILLS = ["hub:before-commit", "lfs-put@1", "hub:committed", "hub:before-tag"]
+KILLS_SLOW = KILLS + ["lfs-put@0", "commit-request"]
+
+
+def _branch_commits(hub: FakeHub, repo_id: str) -> int:
+    repo, n, c = hub.repos[repo_id], 0, hub.head(repo_id)
+    while c:
+        n, c = n + 1, repo.commits[c]["parent"]
+    return n
+
+
+@pytest.mark.parametrize("point", KILLS_SLOW if SLOW else KILLS)
+def test_kill_during_a_hub_publish_then_rerun_is_identical(hub, tmp_path, point):
+    """Issue 12, 8: the publishing process dies (kill -9) before the commit, during an LFS upload,
+    after the commit, before the tag; the re-run ends as an uninterrupted publish: the same
+    files, one commit, the tag on it."""
+    from test_publish_dir import release, run_publisher
+
+    files = release(tmp_path / "src", 2)
+    env = {"HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hfhome"), "HF_HUB_OFFLINE": None,
+           "TRANSFORMERS_OFFLINE": None, "HF_OIDC_RESOURCE": None, "GITHUB_ACTIONS": None, "HF_ENDPOINT": None}
+
+    def params(repo):
+        return {"repo_id": repo, "endpoint": hub.url, "tag": "v1", "message": "Publish tiny"}
+
+    assert run_publisher("hub", params("acme/reference"), files, tmp_path / "ref.json", env=env).returncode == 0
+    spec = tmp_path / "spec.json"
+    if point.startswith("hub:"):
+        r = run_publisher("hub", params(REPO), files, spec, kill=point, env=env)
+        assert r.returncode == 137, r.stderr
+    else:  # killed from the server's side, while the request is arriving
+        name, _, skip = point.partition("@")
+        proc = run_publisher("hub", params(REPO), files, spec, env=env, popen=True)
+        method, path = ("PUT", r"/_lfs/") if name == "lfs-put" else ("POST", r"/commit/main$")
+        hub.fail(method, path, before=lambda h: proc.kill(), skip=int(skip or 0))
+        proc.communicate(timeout=300)
+        assert proc.returncode == -9
+    r = run_publisher("hub", params(REPO), files, spec, env=env)
+    assert r.returncode == 0, r.stderr
+    held = {p: hub.read(REPO, p) for p in hub.files(REPO)}
+    assert held == {p: hub.read("acme/reference", p) for p in hub.files("acme/reference")}
+    assert {p: hashlib.sha256(d).hexdigest() for p, d in held.items() if p != ".gitattributes"} == \
+        {f.path: f.sha256 for f in files}
+    assert _branch_commits(hub, REPO) == _branch_commits(hub, "acme/reference") == 2  # the repo's first + ours
+    assert hub.repos[REPO].tags == {"v1": hub.head(REPO)} and hub.repos[REPO].parts == {}

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,49 @@ def test_one_pipeline_publishes_to_hub_s3_and_dir(hub, store, inputs, tmp_path):
     # and again: every step is fresh
     summary = stages.run(p, log=lines.append)
     assert set(summary.values()) == {"skipped"}
+
+
+# --------------------------------------------------------------------------- kills
+
+SLOW = os.environ.get("FUSE_SLOW") == "1"
+KILLS = ["s3:before:model-00002-of-00002.safetensors", "s3:mid-upload@20", "s3:before:SHA256SUMS", "s3:pushed"]
+KILLS_SLOW = KILLS + [f"s3:before:{p}" for p in ("config.json", "model-00001-of-00002.safetensors", "README.md")] \
+    + [f"s3:mid-upload@{n}" for n in (1, 5, 30, 45)]
+
+
+def _objects(store, prefix: str) -> dict[str, tuple[bytes, str | None]]:
+    out = {}
+    for o in store.list_objects_v2(Bucket=store.bucket, Prefix=prefix).get("Contents", []):
+        got = store.get_object(Bucket=store.bucket, Key=o["Key"])
+        out[o["Key"][len(prefix):]] = (got["Body"].read(), got.get("Metadata", {}).get("sha256"))
+    return out
+
+
+@pytest.mark.parametrize("point", KILLS_SLOW if SLOW else KILLS)
+def test_kill_during_an_s3_publish_then_rerun_is_identical(store, tmp_path, point):
+    """Issue 12, 8: the publishing process dies (kill -9) before a file, in the middle of a
+    multipart upload, before SHA256SUMS, after the uploads; the re-run ends as an uninterrupted
+    publish, aborts the dangling multipart upload and leaves the store's other objects alone."""
+    from test_publish_dir import run_publisher
+
+    files = make_files(tmp_path / "m")
+    run = uuid.uuid4().hex[:8]  # the bucket may be shared with another test: a prefix of its own
+
+    def params(prefix):
+        return {"url": f"s3://{store.bucket}/{prefix}", "endpoint": store.url, "part_size": 5 * MB}
+
+    assert run_publisher("s3", params(f"{run}/ref"), files, tmp_path / "ref.json").returncode == 0
+    store.put_object(Bucket=store.bucket, Key=f"{run}/tiny/v1/notes-by-someone.txt", Body=b"keep me")
+    r = run_publisher("s3", params(f"{run}/tiny/v1"), files, tmp_path / "spec.json", kill=point)
+    assert r.returncode == 137, r.stderr
+    if point == "s3:mid-upload@20":  # the kill landed inside the 11 MB file's multipart upload
+        assert [u for u in store.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+                if u["Key"].startswith(run)]
+    r = run_publisher("s3", params(f"{run}/tiny/v1"), files, tmp_path / "spec.json")
+    assert r.returncode == 0, r.stderr
+    got = _objects(store, f"{run}/tiny/v1/")
+    assert got.pop("notes-by-someone.txt") == (b"keep me", None)
+    assert got == _objects(store, f"{run}/ref/")
+    assert {p: hashlib.sha256(d).hexdigest() for p, (d, _) in got.items()} == {f.path: f.sha256 for f in files}
+    assert [u for u in store.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+            if u["Key"].startswith(run)] == []

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .base import SUMS, Publisher as _Base, RemoteFile, matches, parse_sums, retrying
+from .base import SUMS, Publisher as _Base, RemoteFile, kill_point, matches, parse_sums, retrying
 
 PATHS_INFO_BATCH = 100
 
@@ -227,6 +227,7 @@ class Publisher(_Base):
             ops.append(op)
         ops += [CommitOperationDelete(path_in_repo=p) for p in delete]
         message = self.message or "Publish with Fuse"
+        kill_point("hub:before-commit")
         try:
             info = self.api.create_commit(self.repo_id, ops, commit_message=message,
                                           commit_description=self.description, revision=self.revision,
@@ -248,6 +249,7 @@ class Publisher(_Base):
         if self.commit != self.head:
             self.commits_made += 1
         self.head = self.commit
+        kill_point("hub:committed")
 
     def _landed(self, files) -> bool:
         """After a failed commit call: did the commit land anyway (a lost response)?"""
@@ -281,6 +283,7 @@ class Publisher(_Base):
         tag = None
         if self.tag:
             if self.tag_commit is None:
+                kill_point("hub:before-tag")
                 try:
                     self._call("create_tag", self.api.create_tag, self.repo_id, tag=self.tag, revision=self.commit,
                                tag_message=f"Published by Fuse: {len(files)} files verified")

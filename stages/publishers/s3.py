@@ -25,7 +25,7 @@ import base64
 import hashlib
 import re
 
-from .base import SUMS, Publisher as _Base, RemoteFile, matches, parse_sums, retrying
+from .base import SUMS, Publisher as _Base, RemoteFile, kill_point, matches, parse_sums, retrying
 
 _URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
 MIN_PART = 5 * 1024 * 1024  # S3's smallest part (except the last one)
@@ -159,9 +159,11 @@ class Publisher(_Base):
         config = TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size,
                                 max_concurrency=4)
         for f in upload:
+            kill_point(f"s3:before:{f.path}")
             extra = {"Metadata": {"sha256": f.sha256}, "ChecksumAlgorithm": "SHA256"}
             try:
-                self.client.upload_file(str(f.source), self.bucket, self.key(f.path), ExtraArgs=extra, Config=config)
+                self.client.upload_file(str(f.source), self.bucket, self.key(f.path), ExtraArgs=extra, Config=config,
+                                        Callback=lambda n: kill_point("s3:mid-upload"))
             except Exception as e:
                 raise self._fail(f"uploading {f.path}", e) from None
             self.sent_files.append(f)
@@ -171,6 +173,7 @@ class Publisher(_Base):
                            Delete={"Objects": [{"Key": self.key(p)} for p in delete], "Quiet": True})
             except Exception as e:
                 raise self._fail("DeleteObjects", e) from None
+        kill_point("s3:pushed")
 
     def _abort_stale_uploads(self, keys: set[str]):
         """Multipart uploads an interrupted attempt left on these keys: they would only cost storage."""
