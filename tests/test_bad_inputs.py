@@ -363,6 +363,54 @@ def _shrunk_lm_head(case, good):
     edit_adapter(case, lambda t: dict(t, **{"base_model.model.lm_head.weight": table[:128].clone()}))
 
 
+def _adapter_length_4_short(case, good):
+    """Issue 12: the header length 4 bytes short; the space-padded header still parses, and every
+    tensor would be read 4 bytes early (two bfloat16 elements)."""
+    f = case / "adapter" / "adapter_model.safetensors"
+    header, data = header_of(f)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8 + 8)
+    f.write_bytes(struct.pack("<Q", len(text) - 4) + text + data)
+
+
+def _adapter_dtype_list(case, good):
+    f = case / "adapter" / "adapter_model.safetensors"
+    header, data = header_of(f)
+    header[next(k for k in header if k != "__metadata__")]["dtype"] = ["BF16"]
+    write_raw(f, header, data)
+
+
+def _gap_between_tensors(case, good):
+    f = case / "base" / "model.safetensors"
+    header, data = header_of(f)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    header[last]["data_offsets"] = [x + 8 for x in header[last]["data_offsets"]]
+    start = header[last]["data_offsets"][0] - 8
+    write_raw(f, header, data[:start] + b"\0" * 8 + data[start:])
+
+
+def _deep_adapter_config(case, good):
+    (case / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ' + "[" * 100_000
+                                                          + "]" * 100_000 + "}")
+
+
+def _target_modules_dict(case, good):
+    edit_config(case / "adapter" / "adapter_config.json", target_modules={"q_proj": ["a"], "v_proj": ["b"]})
+
+
+def _r_string(case, good):
+    edit_config(case / "adapter" / "adapter_config.json", r="4")
+
+
+def _base_without_config(case, good):
+    (case / "base" / "config.json").unlink()
+
+
+def _base_config_without_model_type(case, good):
+    f = case / "base" / "config.json"
+    f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "model_type"}))
+
+
 FULL_DISK = "import stages.io.checks as c; c.free_bytes = lambda path: 4096\n"
 
 CASES = [
@@ -411,6 +459,14 @@ CASES = [
     Case("adapter-directory-missing", "F105", "pipeline.yaml", _missing_adapter_dir),
     Case("base-config-not-an-object", "F205", "config.json", _config_not_object),
     Case("no-room-for-outputs", "F402", "runs/bad", lambda case, good: None, exit_code=1, wrapper=FULL_DISK),
+    Case("adapter-header-length-4-short", "F206", "adapter_model.safetensors", _adapter_length_4_short),
+    Case("adapter-header-dtype-is-a-list", "F206", "adapter_model.safetensors", _adapter_dtype_list),
+    Case("gap-between-tensors", "F206", "model.safetensors", _gap_between_tensors),
+    Case("deeply-nested-adapter-config", "F201", "adapter_config.json", _deep_adapter_config),
+    Case("target-modules-a-dict-of-lists", "F201", "adapter_config.json", _target_modules_dict),
+    Case("lora-rank-a-string", "F201", "adapter_config.json", _r_string),
+    Case("base-without-config-json", "F205", "config.json", _base_without_config),
+    Case("base-config-without-model-type", "F205", "config.json", _base_config_without_model_type),
 ]
 
 

@@ -338,3 +338,29 @@ def test_a_15_gb_sparse_model_passes_without_reading_its_tensor_data(tmp_path, m
     assert report["tokenizer"]["tokens"] == 32768
     assert preads == []
     assert all(0 < read_bytes[p] <= shards[p] + 16 for p in shards), (read_bytes, shards)  # each header once
+
+
+def test_a_base_transformers_cannot_load_is_refused_with_the_fix(good, tmp_path):
+    """Issue 12: weights without config.json (or without model_type) used to validate, merge and publish."""
+    base, adapter = copy(good, tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").unlink()
+    f = finding(preflight, base, [(adapter, 1.0)])
+    assert f.code == "F205" and f.file == str(base / "config.json") and "config.json" in f.fix
+    (base / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
+    f = finding(preflight, base, [(adapter, 1.0)])
+    assert f.code == "F205" and f.key == "model_type" and f.fix
+    (base / "config.json").write_text(json.dumps(dict(config, text_config=["not", "an", "object"])))
+    assert finding(preflight, base, [(adapter, 1.0)]).key == "text_config"
+
+
+def test_whole_file_checks_are_the_readers(good, tmp_path):
+    """validate has no safetensors checks of its own: a file the reader refuses is refused here the same way."""
+    from stages.io.safetensors import read_header
+
+    base, adapter = copy(good, tmp_path)
+    with open(adapter / "adapter_model.safetensors", "ab") as f:
+        f.write(b"\0" * 3)
+    with pytest.raises(FuseError) as e:
+        read_header(adapter / "adapter_model.safetensors")
+    assert finding(preflight, base, [(adapter, 1.0)]) == e.value.finding
