@@ -161,14 +161,14 @@ _crash_hits: dict = {}
 
 
 def crash_point(name: str) -> None:
-    """Test-only: ``FUSE_TEST_KILL_AT=NAME`` (or ``NAME#N``, the N-th time) dies here as ``kill -9`` would.
-
-    The kill tests (tests/test_kill.py) name the points: stage boundaries, manifest writes.
-    One dict lookup when the variable is unset."""
+    """Test hook: ``FUSE_TEST_KILL_AT=NAME`` (or ``NAME@N``, the N-th time) ends the process here at
+    once, as ``kill -9`` would (no cleanup, no finally). The one hook of the package: stage boundaries,
+    manifest writes, publishers (as ``kill_point``); tests/test_kill.py names the points.
+    One environment lookup when the variable is unset."""
     want = os.environ.get("FUSE_TEST_KILL_AT")
     if not want:
         return
-    point, _, nth = want.partition("#")
+    point, _, nth = want.partition("@")
     if point == name:
         _crash_hits[name] = _crash_hits.get(name, 0) + 1
         if _crash_hits[name] == int(nth or 1):

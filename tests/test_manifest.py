@@ -250,5 +250,5 @@ def test_crash_point_costs_nothing_unset_and_kills_on_the_nth_hit(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.split() == ["0", "1", "2", "3", "4"]
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**env, "FUSE_TEST_KILL_AT": "b#3"})
+                       env={**env, "FUSE_TEST_KILL_AT": "b@3"})
     assert r.returncode == 137 and r.stdout.split() == ["0", "1"]

@@ -196,20 +196,7 @@ def _sync(pub: Publisher, files: list[LocalFile]) -> Outcome:
     return Outcome(files=len(files), uploaded=upload, deleted=delete, record=record)
 
 
-_kill_hits: dict[str, int] = {}
-
-
-def kill_point(name: str) -> None:
-    """Test hook: ``FUSE_TEST_KILL_AT=<name>[@n]`` ends the process at once, as ``kill -9`` would
-    (no cleanup, no finally), the n-th time (default: first) ``name`` is reached."""
-    spec = os.environ.get("FUSE_TEST_KILL_AT")
-    if not spec:
-        return
-    point, _, nth = spec.partition("@")
-    if point == name:
-        _kill_hits[name] = _kill_hits.get(name, 0) + 1
-        if _kill_hits[name] == int(nth or 1):
-            os._exit(137)
+from ..manifest import crash_point as kill_point  # noqa: E402,F401  (the one test kill hook)
 
 
 def retrying(pub: Publisher, what: str, fn: Callable, *, retry_status=(429, 500, 502, 503, 504), tries: int = 5,
