@@ -221,6 +221,19 @@ def test_journal_paths_outside_the_directory_are_never_touched(tmp_path):
     assert victim.read_text() == "not Fuse's"
 
 
+def test_two_publishes_to_one_directory_do_not_interleave(tmp_path):
+    files = release(tmp_path / "src")
+    first = dirpub.Publisher({"path": str(tmp_path / "dist")}, log=lambda m: None)
+    first.open()  # holds the directory's lock, as a run in the middle of its publish would
+    try:
+        with pytest.raises(FuseError) as e:
+            publish(files, tmp_path / "dist")
+        assert e.value.finding.code == "F501" and "another Fuse run" in e.value.finding.message
+    finally:
+        first.close()
+    publish(files, tmp_path / "dist")
+
+
 # --------------------------------------------------------------------------- upgrade path
 
 

@@ -31,7 +31,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from ..manifest import sha256_file
+from ..manifest import fsync_path, sha256_file
 from .base import SUMS, LocalFile, Publisher as _Base, RemoteFile, kill_point, parse_sums
 
 PROVENANCE = "fuse-provenance.json"
@@ -117,6 +117,8 @@ class Publisher(_Base):
             self.close()
             raise self.error("F501", f"another Fuse run is publishing to {target}", key="path",
                              fix="wait for it to finish, then run again") from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): publish unlocked, as before
         self.owned = self._recorded()
 
     def close(self):
@@ -247,7 +249,7 @@ class Publisher(_Base):
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(dest.parent)
+            fsync_path(dest.parent)
 
     def remote(self, files):
         """Hash only files whose size already matches (a different size is a different file)."""
@@ -312,11 +314,3 @@ def _copy(source: Path, out) -> None:
                 out.flush()
                 kill_point("dir:mid-copy")  # a temp file holding part of the file
                 first = False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
