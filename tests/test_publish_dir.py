@@ -371,6 +371,29 @@ def test_unwritable_target_is_F510_naming_the_path(tmp_path, monkeypatch, err):
     assert tree(target) == reference(tmp_path, (2, 1))
 
 
+@pytest.mark.parametrize("where", ["scandir", "sha256_file", "mkdir"])
+def test_any_os_error_of_the_target_is_one_finding(tmp_path, monkeypatch, where):
+    files = release(tmp_path / "src")
+    target = tmp_path / "dist"
+    publish(files, target)
+    (target / "config.json").write_bytes(b"x" * files[1].size)  # same size: hashed again
+    shutil.rmtree(target / "1_Pooling")  # copied again, into a new folder
+
+    def denied(*a, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", str(a[0]) if a else None)
+
+    if where == "scandir":
+        monkeypatch.setattr(dirpub.os, "scandir", denied)
+    elif where == "sha256_file":
+        monkeypatch.setattr(dirpub, "sha256_file", denied)
+    else:
+        monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(FuseError) as e:
+        publish(files, target)
+    assert e.value.finding.code == "F510" and "Permission denied" in e.value.finding.message
+    assert str(target) in e.value.finding.message
+
+
 @pytest.fixture
 def readonly_dir(tmp_path):
     """A directory this process cannot write: a read-only tmpfs as root, chmod 555 otherwise."""

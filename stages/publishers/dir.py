@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -53,6 +54,15 @@ def safe_rel(rel: str) -> bool:
 
 def temp_name(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _findings(step):
+    """A step whose OSError (an unreadable folder, a read-only mount) is one finding, not a traceback."""
+    @functools.wraps(step)
+    def wrapped(self, *a, **kw):
+        with self._fs(self.target):
+            return step(self, *a, **kw)
+    return wrapped
 
 
 class Publisher(_Base):
@@ -96,6 +106,7 @@ class Publisher(_Base):
 
     # -- steps -----------------------------------------------------------------------
 
+    @_findings
     def open(self):
         target = self.target.resolve()
         if self.workdir is not None:
@@ -169,6 +180,7 @@ class Publisher(_Base):
                          fix=f"publish to a new directory, or move {self.target} aside (Fuse never guesses which "
                              f"files it may replace)")
 
+    @_findings
     def claim(self, files):
         """The ownership rule, in one place: every path this publish writes must be free or Fuse's
         own (``F509`` otherwise, before anything is written); then the journal records the claim."""
@@ -251,6 +263,7 @@ class Publisher(_Base):
                 tmp.unlink(missing_ok=True)
             fsync_path(dest.parent)
 
+    @_findings
     def remote(self, files):
         """Hash only files whose size already matches (a different size is a different file)."""
         out = {}
@@ -262,10 +275,12 @@ class Publisher(_Base):
                     out[f.path] = RemoteFile(size=size, sha256=sha256_file(p) if size == f.size else None)
         return out
 
+    @_findings
     def previous(self, remote, files):
         """Files Fuse recorded as its own here that are still there (those no longer wanted go)."""
         return {rel for rel in self.owned if self._blocked(rel) is None and (self.target / rel).is_file()}
 
+    @_findings
     def push(self, upload, delete, files):
         for f in upload:
             kill_point(f"dir:before:{f.path}")
@@ -287,6 +302,7 @@ class Publisher(_Base):
                         break
         kill_point("dir:pushed")
 
+    @_findings
     def verify(self, files):
         """Re-hash what was copied now; the rest was hashed by :meth:`remote` a moment ago."""
         copied = {f.path for f in self.copied}
@@ -299,6 +315,7 @@ class Publisher(_Base):
                 problems.append(f"{p}: content differs")
         return problems
 
+    @_findings
     def seal(self, files):
         kill_point("dir:seal")
         self._write_journal(files, sorted(f.path for f in files), complete=True)
