@@ -201,8 +201,8 @@ def test_a_journal_fuse_cannot_read_stops_the_publish(tmp_path):
     target = tmp_path / "dist"
     publish(files, target)
     for text in ("{not json", '{"fuse_publish": 99, "owned": [], "files": {}}', '["a list"]',
-                 '{"fuse_publish": 1, "owned": "config.json", "files": {}}'):
-        (target / dirpub.JOURNAL).write_text(text)
+                 '{"fuse_publish": 1, "owned": "config.json", "files": {}}', "[" * 100_000, b"\xff\xfe not utf-8"):
+        (target / dirpub.JOURNAL).write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(FuseError) as e:
             publish(files, target)
         assert e.value.finding.code == "F501" and dirpub.JOURNAL in e.value.finding.message
@@ -232,6 +232,61 @@ def test_two_publishes_to_one_directory_do_not_interleave(tmp_path):
     finally:
         first.close()
     publish(files, tmp_path / "dist")
+
+
+SEED = int(os.environ.get("FUSE_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+SEGMENTS = ["EVAL.md", "samples", "notes", "1_Pooling", "config.json", "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors", "tokenizer.json", "SHA256SUMS", ".notes.0123abcd.tmp", "x"]
+
+
+def _collides(user: str, fuse_paths) -> bool:
+    """The user's file is at a path Fuse writes, where it needs a folder, or inside one it writes as a file."""
+    return any(user == p or p.startswith(user + "/") or user.startswith(p + "/") for p in fuse_paths)
+
+
+def test_property_user_files_are_never_touched_and_collisions_change_nothing(tmp_path):
+    """For generated trees of user files added after a publish: the next publish either leaves
+    every one of them byte for byte and ends as the reference, or stops with F509 having changed
+    nothing (exactly when one of them is where the model must go)."""
+    from hypothesis import HealthCheck, given, seed, settings, strategies as st
+
+    print(f"\nhypothesis seed: {SEED} (replay with FUSE_FUZZ_SEED={SEED})")
+    v1, v2 = release(tmp_path / "src1", 1), release(tmp_path / "src2", 2)
+    expected = reference(tmp_path, (1, 2))
+    v2_paths = {f.path for f in v2}
+    paths = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=3).map("/".join)
+    counter = iter(range(10**9))
+
+    @seed(SEED)
+    @settings(max_examples=400 if SLOW else 15, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(st.dictionaries(paths, st.binary(max_size=20), max_size=6))
+    def check(user):
+        target = tmp_path / f"t{next(counter)}"
+        publish(v1, target)
+        made = {}
+        for rel, data in user.items():
+            p = target / rel
+            if p.exists() or any(q.is_file() for q in p.parents if target in q.parents):
+                continue  # a file of Fuse's or one just made is in the way: not something a user can add
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+            made[rel] = data
+        made = {rel: d for rel, d in made.items() if (target / rel).is_file()}  # a later one made it a folder
+        before = tree(target)
+        if any(_collides(rel, v2_paths) for rel in made):
+            with pytest.raises(FuseError) as e:
+                publish(v2, target)
+            assert e.value.finding.code == "F509"
+            assert tree(target) == before
+        else:
+            publish(v2, target)
+            got = tree(target)
+            assert {rel: got.get(rel) for rel in made} == made
+            assert {k: v for k, v in got.items() if k not in made} == expected
+        shutil.rmtree(target)
+
+    check()
 
 
 # --------------------------------------------------------------------------- upgrade path

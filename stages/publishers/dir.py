@@ -151,7 +151,7 @@ class Publisher(_Base):
         with self._fs(prov):
             try:
                 owned |= set((json.loads(prov.read_text(encoding="utf-8")) or {}).get("files") or {})
-            except (ValueError, AttributeError, TypeError):
+            except (ValueError, AttributeError, TypeError, RecursionError):
                 pass  # not readable as JSON: SHA256SUMS alone says what else was ours
         sums = self.target / SUMS
         if sums.is_file():
@@ -173,8 +173,8 @@ class Publisher(_Base):
             return data
         except OSError as e:
             raise self._os_error(e, journal) from None
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            bad = str(e).splitlines()[0][:200]
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            bad = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise self.error("F501", f"{journal} cannot be read as Fuse's publish journal ({bad}): Fuse cannot tell "
                                  f"which files in {self.target} are its own", key="path",
                          fix=f"publish to a new directory, or move {self.target} aside (Fuse never guesses which "
