@@ -60,7 +60,9 @@ def project(request, tmp_path_factory):
     if not HAVE_GPTQMODEL:
         pytest.skip("gptqmodel/optimum not installed (pip install 'fuse-llm[quantize]')")
     root = make_project(tmp_path_factory.mktemp(f"quantize-{request.param}"), request.param)
-    r = fuse("run", "pipeline.yaml", cwd=root)
+    elsewhere = root / "elsewhere"  # the user's current directory: not the pipeline's, not the workdir
+    elsewhere.mkdir()
+    r = fuse("run", str(root / "pipeline.yaml"), cwd=elsewhere)
     return root, request.param, r.stderr
 
 
@@ -71,6 +73,17 @@ def manifest(root: Path) -> dict:
 def logits_of(model, prompts):
     with torch.no_grad():
         return [model(input_ids=torch.tensor([p])).logits[0].float() for p in prompts]
+
+
+@needs_gptqmodel
+def test_the_quantizer_writes_nothing_outside_the_workdir(project):
+    """GPTQModel writes logs/gptq_log_*.log under the current directory: they land in the workdir's logs."""
+    root, arch, _ = project
+    assert not list((root / "elsewhere").iterdir())
+    assert sorted(p.name for p in root.iterdir()) == ["adapter", "base", "calib.jsonl", "dist", "elsewhere",
+                                                      "pipeline.yaml", "runs"]
+    kept = list((root / "runs/tiny/logs").rglob("*_log_*.log"))
+    assert kept and all(p.is_relative_to(root / "runs/tiny/logs") for p in kept)
 
 
 @needs_gptqmodel
@@ -129,8 +142,12 @@ def test_published_quantized_model_has_its_card_and_numbers(project):
     names = sorted(p.name for p in dist.iterdir())
     assert {"model.safetensors", "config.json", "quantize_config.json", "README.md", "SHA256SUMS"} <= set(names)
     card = (dist / "README.md").read_text()
-    assert "base_model_relation: quantized" in card and "- gptq" in card
-    assert "kl_mean" in card and "top1_agreement" in card  # CARD_METRICS of the quantize step
+    # the adapter names its base by a local path: no base_model, the digest instead
+    assert "base_model:" not in card and "base_model_relation: quantized" in card and "- gptq" in card and f"# tiny-{project[1]} (GPTQ 4-bit)" in card
+    checks = card[card.index("## Checks"):]
+    assert "**`gptq`** (quantize v1)" in checks and "`awq`" not in checks  # its own gate, not another's
+    assert "| kl_mean |" in checks and "| <= 0.15 |" in checks and "| greedy_agreement |" in checks
+    assert str(root) not in card and str(root) not in (dist / "fuse-provenance.json").read_text()
     prov = json.loads((dist / "fuse-provenance.json").read_text())
     assert [s["stage"] for s in prov["steps"]] == ["merge", "quantize"]
 

@@ -19,6 +19,11 @@ to still be in eval mode after tracing (a wrapper can leave dropout on).
 
 Weights past ~2 GB go to an external data file next to the graph (``model.onnx.data``; its
 name is recorded inside ``model.onnx``, so the two travel together under these names).
+
+The exporter annotates every node and value with debugging metadata (``pkg.torch.onnx.stack_trace``:
+``File "/home/<user>/<clone>/stages/onnx/exporter.py", line 84``, module names, FX nodes): megabytes
+that name the machine's paths, so the same model exported in two checkouts differed. :func:`scrub`
+drops it from every place ONNX keeps ``metadata_props`` before the graph is saved for good.
 """
 from __future__ import annotations
 
@@ -148,7 +153,7 @@ def export(model, out_path: Path, *, with_past: bool, opset: int | None = None, 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(out_path), external_data=external)
-    _name_dims(out_path, with_past)
+    _name_dims(out_path, with_past)  # and scrubs the exporter's debugging metadata
     files = [out_path.name] + ([out_path.name + DATA_SUFFIX] if (out_path.parent / (out_path.name + DATA_SUFFIX)).exists()
                                else [])
     opset_used = _opset(out_path)
@@ -176,7 +181,7 @@ def _opset(path: Path) -> int:
 
 def _name_dims(path: Path, with_past: bool) -> None:
     """Give the graph's symbolic dimensions readable names (the exporter's are ``s0``, ``s1``...):
-    batch_size, sequence_length, past_sequence_length, total_sequence_length."""
+    batch_size, sequence_length, past_sequence_length, total_sequence_length; :func:`scrub` it; save."""
     import re
 
     import onnx
@@ -197,8 +202,15 @@ def _name_dims(path: Path, with_past: bool) -> None:
         s = sym(value, axis) if value in by_name else None
         if s and re.fullmatch(r"[A-Za-z_]\w*", s) and s not in rename:
             rename[s] = DIM_NAMES[kind]
-    if not rename:
-        return
+    if rename:
+        _rename_dims(g, rename)
+    scrub(m)
+    onnx.save(m, str(path))
+
+
+def _rename_dims(g, rename: dict) -> None:
+    import re
+
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(rename, key=len, reverse=True))) + r")\b")
 
     def fix(shape):
@@ -209,4 +221,52 @@ def _name_dims(path: Path, with_past: bool) -> None:
     for v in list(g.input) + list(g.output) + list(g.value_info):
         if v.type.HasField("tensor_type"):
             fix(v.type.tensor_type.shape)
-    onnx.save(m, str(path))
+
+
+def scrub_file(path: Path) -> int:
+    """:func:`scrub` a saved graph in place (its external data stays where it is); rewritten only
+    when something was dropped (ONNX Runtime's quantizers copy what they read)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    dropped = scrub(m)
+    if dropped:
+        onnx.save(m, str(path))
+    return dropped
+
+
+# metadata keys the torch exporter writes for debugging: stack traces with local file paths, module
+# and FX node names, export signatures. Nothing that runs the graph reads them.
+SCRUBBED_PREFIXES = ("pkg.torch.",)
+SCRUBBED_KEYS = ("namespace",)
+
+
+def scrub(message) -> int:
+    """Drop the exporter's debugging metadata (``pkg.torch.*`` and ``namespace`` entries of
+    ``metadata_props``) and node doc strings from an ONNX proto and everything inside it: the
+    model, graphs and subgraphs, nodes, values, initializers, functions. Returns how many
+    entries were dropped. Generic over the proto's fields, so a place a future onnx adds
+    ``metadata_props`` to is covered too."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    dropped = 0
+    fields = message.DESCRIPTOR.fields_by_name
+    if "metadata_props" in fields:
+        props = message.metadata_props
+        keep = [(p.key, p.value) for p in props
+                if not (p.key.startswith(SCRUBBED_PREFIXES) or p.key in SCRUBBED_KEYS)]
+        if len(keep) != len(props):
+            dropped += len(props) - len(keep)
+            del props[:]
+            for key, value in keep:
+                props.add(key=key, value=value)
+    if message.DESCRIPTOR.name == "NodeProto" and message.doc_string:
+        message.doc_string = ""
+        dropped += 1
+    for field, value in message.ListFields():
+        if field.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        items = [value] if hasattr(value, "DESCRIPTOR") else value  # one message, or a repeated field
+        for item in items:
+            dropped += scrub(item)
+    return dropped

@@ -15,7 +15,10 @@ Known quirks handled here (GPTQModel 7.6, see ``docs/quantize-export.md``):
   the pure-torch packer is used on CPU, where models are small;
 - it records a temp path (``offload_to_disk_path``) in ``quantization_config``, and writes
   ``quant_log.csv`` with timings: both are machine-specific, so they are scrubbed / moved
-  out of the model directory, keeping the output deterministic.
+  out of the model directory, keeping the output deterministic;
+- it writes ``logs/gptq_log_*.log`` under the *current directory* (a relative path in
+  ``gptqmodel.looper.loop_processor``, no setting): the call runs inside the stage's log
+  directory with that path pointed there (:func:`files_kept_in`).
 """
 from __future__ import annotations
 
@@ -62,7 +65,9 @@ def quantize_model(model_dir: Path, out_dir: Path, *, method: str, bits: int, gr
 
     set_cpu_workers()
     started = time.perf_counter()
-    with captured(log_file):
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()  # the call runs in another directory
+    log_file = Path(log_file).resolve() if log_file else None
+    with captured(log_file), files_kept_in(log_file.parent if log_file else None):
         try:
             import gptqmodel
             from gptqmodel import BACKEND, AWQConfig, GPTQConfig, GPTQModel
@@ -103,6 +108,33 @@ def quantize_model(model_dir: Path, out_dir: Path, *, method: str, bits: int, gr
     _read_quant_log(out_dir, result)
     scrub_config(out_dir)
     return result
+
+
+@contextlib.contextmanager
+def files_kept_in(log_dir: Path | None):
+    """Run inside ``log_dir`` (created), with GPTQModel's log directory pointed at ``log_dir/gptqmodel``:
+    what it writes by a relative path (its ``logs/gptq_log_*.log``, anything a later version adds)
+    stays in the workdir instead of the user's current directory. None: leave both alone."""
+    if log_dir is None:
+        yield
+        return
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # another layout: the chdir still keeps its relative paths in log_dir
+        loop_processor = None
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    if saved is not None:
+        loop_processor._PROJECT_LOG_DIR = log_dir / "gptqmodel"
+    cwd = os.getcwd()
+    os.chdir(log_dir)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        if saved is not None:
+            loop_processor._PROJECT_LOG_DIR = saved
 
 
 @contextlib.contextmanager

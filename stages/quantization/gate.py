@@ -64,7 +64,9 @@ def eval_prompts(model_dir: Path, prompts, seed: int, vocab_size: int | None, *,
             raise FuseError("F103", f"{key} must be a list of strings or a list of token-id lists", key=key)
         tok = tokenizer(model_dir)
         if tok is None:
-            raise FuseError("F103", f"{key} are strings, but the model has no tokenizer", key=key,
+            why = f" (its tokenizer files do not load: {_TOKENIZER_ERRORS[str(model_dir)]})" \
+                if str(model_dir) in _TOKENIZER_ERRORS else ""
+            raise FuseError("F103", f"{key} are strings, but the model has no tokenizer{why}", key=key,
                             fix="give token ids instead, e.g. [[1, 17, 42, 99]]")
         return _encode(tok, prompts), f"{len(prompts)} prompts from {key}"
     tok = tokenizer(model_dir)
@@ -92,8 +94,12 @@ def tokenizer(model_dir: Path):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(model_dir)
-    except Exception:  # noqa: BLE001 - an unreadable tokenizer: evaluate on token ids
+    except Exception as e:  # noqa: BLE001 - an unreadable tokenizer: evaluate on token ids (and say why)
+        _TOKENIZER_ERRORS[str(model_dir)] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         return None
+
+
+_TOKENIZER_ERRORS: dict[str, str] = {}  # model dir -> why its tokenizer did not load
 
 
 def rounded(metrics: dict) -> dict:

@@ -38,6 +38,8 @@ VERSION = 1
 INPUT = ("hf-model",)
 OUTPUT = "report"
 LIBS = ("torch", "transformers", "peft", "safetensors")
+CARD_METRICS = ("probe_worst_ratio", "logits_max_abs_diff", "logits_kl_mean", "logits_top1_agreement",
+                "logits_ppl_ratio", "logits_greedy_agreement")  # the merged model's card shows them with bounds
 PARAMS = {
     "probes": Param(int, 16, help="random ±1 probe vectors per merged tensor (0: no probe test); the mean-square "
                                   "test's bound tightens with more (docs/validation.md)"),

@@ -99,27 +99,22 @@ def provenance(ctx) -> dict:
         spec = upstream_of(spec, p.stages) if spec.module.INPUT else None
     first = m.record(chain[0].id)["fingerprint_inputs"]["inputs"]
     base = dict(first["base"], name=m.record(chain[0].id).get("sources", {}).get("base", {}).get("name", ""))
-    if base["kind"] != "hub":  # a local path says nothing to the reader of the card
+    if base["kind"] != "hub":  # a local path says nothing to the reader of the card, and names the machine
         base["name"] = Path(base["name"]).name
+    here = Path(p.path).parent if getattr(p, "path", None) else Path(".")
     adapters = []
     for a, spec in zip(first["adapters"], p.adapters):
         cfg = _json(Path(spec.path) / "adapter_config.json")
+        # a local path (absolute, or relative to where the adapter was trained) is not published
+        base_id = card.hub_id(cfg.get("base_model_name_or_path"), here, Path(spec.path), Path(spec.path).parent)
         adapters.append({"name": spec.path.name, "digest": a["digest"], "weight": a["weight"],
-                         "peft_type": cfg.get("peft_type"), "base_model_name_or_path": cfg.get("base_model_name_or_path")})
+                         "peft_type": cfg.get("peft_type"), "base_model_name_or_path": base_id})
     if base["kind"] == "hub":
         base["hub_id"] = base["name"]
     elif adapters and adapters[0]["base_model_name_or_path"]:
         base["hub_id"] = adapters[0]["base_model_name_or_path"]
-    steps = [_step(m, spec) for spec in chain]
-    # numbers of other finished stages that report them (validation, equivalence checks)
-    checks = []
-    for spec in p.stages[: p.stages.index(p.stage(ctx.stage.id))]:
-        rec = m.record(spec.id) or {}
-        if spec in chain or spec.name == NAME or rec.get("status") != "done":
-            continue
-        step = _step(m, spec)
-        if step["metrics"]:
-            checks.append(step)
+    steps = [_step(m, spec, here) for spec in chain]
+    checks = _gates(ctx, chain, steps, here)
     libs = {}
     for spec in chain:
         libs.update(m.record(spec.id)["fingerprint_inputs"].get("libraries", {}))
@@ -127,20 +122,107 @@ def provenance(ctx) -> dict:
     shape = {"name": p.name, "adapters": [a["weight"] for a in adapters],
              "steps": [{k: s[k] for k in ("id", "stage", "version", "params")} for s in steps]}
     cfg = _json(ctx.input_dir / "config.json")
+    model = {k: cfg[k] for k in ("architectures", "model_type") if k in cfg}
+    model.update(_tokenizer_info(ctx.input_dir))
     out = {"name": p.name, "tool": {"name": "fuse-llm", "version": tool_version()}, "base": base,
            "adapters": adapters, "steps": steps, "libraries": libs,
            "pipeline": {"name": p.name, "digest": "sha256:" + sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()},
-           "model": {k: cfg[k] for k in ("architectures", "model_type") if k in cfg}}
+           "model": model}
     if checks:
         out["checks"] = checks
     return out
 
 
-def _step(m, spec) -> dict:
+def _portable(value, here: Path):
+    """A parameter value with every absolute path made relative to the pipeline's directory (or cut to
+    its file name when outside it): what is published must not differ between checkouts."""
+    import os
+
+    if isinstance(value, dict):
+        return {k: _portable(v, here) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, here) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        try:
+            return Path(value).resolve().relative_to(here.resolve()).as_posix()
+        except ValueError:
+            return Path(value).name
+    return value
+
+
+def _step(m, spec, here: Path) -> dict:
+    """A step of the artifact's chain: its parameters and the card metrics that are not gate numbers
+    (those go to the gate's own entry, with their bounds)."""
     rec = m.record(spec.id)
-    keep = getattr(spec.module, "CARD_METRICS", ())
-    return {"id": spec.id, "stage": spec.name, "version": spec.module.VERSION, "params": rec["params"],
+    keep = [k for k in getattr(spec.module, "CARD_METRICS", ()) if k not in card.MEASURES]
+    return {"id": spec.id, "stage": spec.name, "version": spec.module.VERSION, "params": _portable(rec["params"], here),
             "metrics": {k: v for k, v in (rec.get("metrics") or {}).items() if k in keep}}
+
+
+def _gates(ctx, chain, steps, here: Path) -> list[dict]:
+    """The gates that measured the published artifact itself: the gate of the stage that made it
+    (quantize, export) and finished verifying stages that read it (check on the merged model). Another
+    artifact's numbers (the GPTQ gate on the merged model's card) are not this one's."""
+    m, p = ctx.manifest, ctx.pipeline
+    made_by = chain[-1]
+    out = []
+    gate = _gate(ctx, made_by, here)
+    if gate:
+        out.append(gate)
+    for spec in p.stages[: p.stages.index(p.stage(ctx.stage.id))]:
+        rec = m.record(spec.id) or {}
+        # a verifying stage (its output is a report) that read this artifact; quantize and export read it
+        # too, but what they measure is the artifact they make
+        if spec in chain or spec.module.OUTPUT != "report" or rec.get("status") != "done" \
+                or spec.module.INPUT == () or upstream_of(spec, p.stages) is not made_by:
+            continue
+        gate = _gate(ctx, spec, here)
+        if gate:
+            out.append(gate)
+    return out
+
+
+def _gate(ctx, spec, here: Path) -> dict | None:
+    """One gate's numbers with their bounds, what it compared, on what."""
+    rec = ctx.manifest.record(spec.id) or {}
+    metrics = rec.get("metrics") or {}
+    names = [k for k in getattr(spec.module, "CARD_METRICS", ()) if k in card.MEASURES or k.startswith("logits_")]
+    if not any(k in metrics for k in names):
+        return None
+    params, notes = rec.get("params") or {}, []
+    if spec.name == "check":
+        report = _json(ctx.workdir / spec.id / "report.json")
+        logits = report.get("logits") or {}
+        thresholds = logits.get("thresholds") or {}
+        what = ("the merged model against the base with the adapter applied: a probe test of every merged "
+                "tensor, then logits against peft's PeftModel in float32"
+                + (f" on {logits['prompts']}" if isinstance(logits.get("prompts"), str) else "") + ".")
+        if metrics.get("logits_skipped"):
+            notes.append(f"Logits were not compared: {metrics['logits_skipped']}.")
+    else:
+        thresholds = metrics.get("thresholds") or {}
+        how = (f"greedy decoding of {params.get('greedy_tokens')} tokens after the first {params.get('greedy_prompts')} "
+               "prompts")
+        if spec.name == "export":
+            what = (f"this ONNX graph in ONNX Runtime against the merged model in torch (float32) on "
+                    f"{metrics.get('eval_prompts', 'the evaluation text')}, teacher-forced, then {how}"
+                    + (" through the graph's KV cache." if params.get("with_past", True) else "."))
+        else:
+            what = (f"this {str(params.get('method', '')).upper()} {params.get('bits')}-bit checkpoint, reloaded with "
+                    f"transformers, against the merged model on {metrics.get('eval_prompts', 'the evaluation text')}, "
+                    f"teacher-forced, then {how}.")
+    return {"id": spec.id, "stage": spec.name, "version": spec.module.VERSION, "what": _portable(what, here),
+            "numbers": card.gate_numbers(metrics, thresholds, names), "notes": notes}
+
+
+def _tokenizer_info(model_dir: Path) -> dict:
+    """Whether the published model has a tokenizer and a chat template (the usage snippet uses them)."""
+    from ..quantization.backend import TOKENIZER_FILES
+
+    d = Path(model_dir)
+    tok = _json(d / "tokenizer_config.json")
+    return {"tokenizer": any((d / f).exists() for f in TOKENIZER_FILES),
+            "chat_template": (d / "chat_template.jinja").exists() or bool(tok.get("chat_template"))}
 
 
 def _json(path: Path) -> dict:
@@ -175,7 +257,7 @@ def run(ctx) -> dict:
     model_files = {f["path"]: f for f in upstream["outputs"] if f["path"] not in GENERATED}
     prov = provenance(ctx)
     prov["files"] = {path: f["sha256"] for path, f in sorted(model_files.items())}
-    readme = card.render_card(prov, card.base_card_metadata(src), model_id=ctx.params.get("repo_id"),
+    readme = card.render_card(prov, card.base_card_metadata(src), model_id=_model_id(ctx), target=to,
                               template=_template(ctx))
     generated = {card.PROVENANCE: card.provenance_bytes(prov), "README.md": readme.encode("utf-8")}
     all_sums = dict(prov["files"], **{k: sha256(v).hexdigest() for k, v in generated.items()})
@@ -198,6 +280,18 @@ def run(ctx) -> dict:
         ctx.manifest.secrets |= pub.secrets  # never written down, even in an error message
         remember(pub.secrets)  # ...nor printed, wherever this process prints
     return _metrics(ctx, to, pub, outcome, files)
+
+
+def _model_id(ctx) -> str:
+    """What the card's snippets load: the Hub repo id; for a directory its path relative to the pipeline
+    file (its name when it lies outside: never a machine's absolute path); for S3 the prefix's name."""
+    params, to = ctx.params, ctx.params["to"]
+    if to == "hub":
+        return params["repo_id"]
+    if to == "s3":
+        return params["url"].rstrip("/").rsplit("/", 1)[-1]
+    here = Path(ctx.pipeline.path).parent if getattr(ctx.pipeline, "path", None) else Path(".")
+    return _portable(str(Path(params["path"]).resolve()), here)
 
 
 def _publisher(ctx, to: str, prov: dict):
