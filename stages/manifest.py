@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import stat
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -291,17 +292,20 @@ class Manifest:
                 p = root / f["path"]
                 try:
                     st = os.stat(p)
-                except FileNotFoundError:
+                    if not stat.S_ISREG(st.st_mode):
+                        problems.append(f"{p}: not a regular file")
+                    elif st.st_size != f["size"]:
+                        problems.append(f"{p}: size {st.st_size} bytes, the manifest says {f['size']}")
+                    elif full or st.st_mtime_ns != f.get("mtime_ns") or st.st_ino != f.get("inode"):
+                        if sha256_file(p) != f["sha256"]:
+                            problems.append(f"{p}: sha256 differs from the manifest")
+                        elif (f.get("mtime_ns"), f.get("inode")) != (st.st_mtime_ns, st.st_ino):
+                            f["mtime_ns"], f["inode"] = st.st_mtime_ns, st.st_ino
+                            self.dirty = True
+                except (FileNotFoundError, NotADirectoryError):
                     problems.append(f"{p}: missing")
-                    continue
-                if st.st_size != f["size"]:
-                    problems.append(f"{p}: size {st.st_size} bytes, the manifest says {f['size']}")
-                elif full or st.st_mtime_ns != f.get("mtime_ns") or st.st_ino != f.get("inode"):
-                    if sha256_file(p) != f["sha256"]:
-                        problems.append(f"{p}: sha256 differs from the manifest")
-                    elif (f.get("mtime_ns"), f.get("inode")) != (st.st_mtime_ns, st.st_ino):
-                        f["mtime_ns"], f["inode"] = st.st_mtime_ns, st.st_ino
-                        self.dirty = True
+                except OSError as e:  # unreadable: it does not verify, and the message says why
+                    problems.append(f"{p}: cannot be read ({e.strerror})")
         return problems
 
     def extra_files(self, stage_id: str) -> list[str]:
@@ -429,7 +433,10 @@ def check_schema(data) -> None:
     pipe = data.get("pipeline", {})
     for key in ("path", "sha256"):
         _typed(pipe, "pipeline", key, str, "text")
-    _typed(pipe, "pipeline", "resolved", dict, "an object")
+    resolved = _typed(pipe, "pipeline", "resolved", dict, "an object") or {}
+    for i, item in enumerate(_typed(resolved, "pipeline.resolved", "stages", list, "a list") or []):
+        _need(isinstance(item, dict), f"pipeline.resolved.stages[{i}]", "not an object")
+        _typed(item, f"pipeline.resolved.stages[{i}]", "id", str, "a stage id")
     stages = _typed(data, "", "stages", dict, "an object of stage records", required=True)
     for sid, rec in stages.items():
         w = f"stages.{sid}"
@@ -460,7 +467,8 @@ def check_schema(data) -> None:
         if ext is not None:
             root = _typed(ext, f"{w}.external", "root", str, "a directory", required=True)
             _need(os.path.isabs(root), f"{w}.external.root", "not an absolute path")
-            _file_records(ext.get("files", []), f"{w}.external.files")
+            _need("files" in ext, f"{w}.external", "'files' is missing")
+            _file_records(ext["files"], f"{w}.external.files")
         _check_fingerprint_inputs(rec.get("fingerprint_inputs", {}), f"{w}.fingerprint_inputs")
         src = rec.get("sources", {})
         _typed(src, f"{w}.sources", "base", dict, "an object")
@@ -475,7 +483,8 @@ def _check_fingerprint_inputs(fi: dict, w: str):
     _typed(inputs, f"{w}.inputs", "stage_params", dict, "an object")
     base = _typed(inputs, f"{w}.inputs", "base", dict, "an object")
     if base is not None:
-        for key in ("digest", "kind", "revision"):
+        _typed(base, f"{w}.inputs.base", "digest", str, "text")
+        for key in ("kind", "revision"):
             _typed(base, f"{w}.inputs.base", key, (str, type(None)), "text")
     for i, a in enumerate(_typed(inputs, f"{w}.inputs", "adapters", list, "a list") or []):
         aw = f"{w}.inputs.adapters[{i}]"
@@ -485,7 +494,7 @@ def _check_fingerprint_inputs(fi: dict, w: str):
     up = _typed(inputs, f"{w}.inputs", "upstream", (dict, type(None)), "an object")
     if up:
         _typed(up, f"{w}.inputs.upstream", "id", str, "a stage id", required=True)
-        _typed(up, f"{w}.inputs.upstream", "digest", (str, type(None)), "text")
+        _typed(up, f"{w}.inputs.upstream", "digest", (str, type(None)), "text", required=True)
 
 
 # one redaction rule for every exit (stages/secrets.py); the names stay importable from here

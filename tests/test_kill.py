@@ -1,0 +1,161 @@
+"""Kill tests: a run killed at any stage boundary, inside the merge writer, inside a manifest write or
+inside the dir publisher, then run again, ends byte-identical to a run never interrupted: every
+output file of every stage, every published file (provenance included), and no temp file left.
+
+Kills are deterministic: ``FUSE_TEST_KILL_AT=NAME[@N]`` makes the process ``os._exit(137)`` the N-th
+time it reaches the named point (``stages.manifest.crash_point``); the merge writer is killed by a
+wrapper that ends the process after its N-th tensor. A small matrix runs by default; ``FUSE_SLOW=1``
+runs every point.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cli import fuse
+from factory import make_lora_adapter, make_tiny_model
+
+SLOW = os.environ.get("FUSE_SLOW") == "1"
+
+PIPELINE = """\
+version: 1
+name: tiny
+base: base
+adapter: adapter
+workdir: runs/tiny
+stages:
+  - validate
+  - merge: {dtype: bfloat16, max_shard_size: 40KB}
+  - check: {probes: 2}
+  - publish: {to: dir, path: dist}
+"""
+STAGES = ("validate", "merge", "check", "publish")
+
+# a kill inside the merge writer: after its N-th tensor, as kill -9 would (no finally, no cleanup)
+KILL_IN_WRITER = textwrap.dedent("""
+    import os, sys
+    from stages.io import safetensors as st
+    n, real = int(os.environ["FUSE_TEST_KILL_WRITE"]), st.ShardedWriter.write
+    count = [0]
+    def write(self, *a, **kw):
+        real(self, *a, **kw)
+        count[0] += 1
+        if count[0] == n:
+            os._exit(137)
+    st.ShardedWriter.write = write
+    from stages.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+# (kill point, how many manifest/stage steps of the first run it lets through, re-run after a full run?)
+DEFAULT = ["stage-output:merge", "writer@3", "atomic-write:manifest.json@4"]
+FULL = ([f"{where}:{sid}" for sid in STAGES for where in ("stage-start", "stage-output", "stage-done")]
+        + ["swap:merge", "writer@1", "writer@5"]
+        + [f"atomic-write:manifest.json@{n}" for n in range(1, 9)]
+        + ["atomic-write:.fuse-statcache.json", "dir:journal", "dir:mid-copy", "dir:pushed", "dir:seal"])
+POINTS = FULL if SLOW else DEFAULT
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill-inputs")
+    make_tiny_model("llama", root / "base", dtype=__import__("torch").bfloat16)
+    make_lora_adapter(root / "base", root / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
+    return root
+
+
+def project(root: Path, inputs: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("base", "adapter"):
+        (root / name).symlink_to(inputs / name)
+    (root / "pipeline.yaml").write_text(PIPELINE)
+    return root
+
+
+def outputs(root: Path) -> dict:
+    """relpath -> sha256 of every stage output and published file; temp leftovers are listed as such."""
+    out = {}
+    for top in [root / "runs/tiny" / s for s in STAGES] + [root / "dist"]:
+        for p in sorted(top.rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def leftovers(root: Path) -> list[str]:
+    found = []
+    for top in (root / "runs/tiny", root / "dist"):
+        for p in top.rglob("*"):
+            if p.name.startswith((".tmp-", ".trash-")) or p.name.endswith(".tmp"):
+                found.append(str(p.relative_to(root)))
+    return found
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory) -> Path:
+    """One path for the reference and every case: validate's report names the workdir's disk."""
+    return tmp_path_factory.mktemp("kill") / "p"
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, place):
+    root = project(place, inputs)
+    fuse("run", "pipeline.yaml", cwd=root)
+    ref = outputs(root)
+    shutil.rmtree(root)
+    return ref
+
+
+@pytest.fixture
+def root(place, inputs, reference):
+    shutil.rmtree(place, ignore_errors=True)
+    yield project(place, inputs)
+    shutil.rmtree(place, ignore_errors=True)
+
+
+def run_killed(root: Path, point: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if point.startswith("writer@"):
+        env["FUSE_TEST_KILL_WRITE"] = point.split("@")[1]
+        cmd = [sys.executable, "-c", KILL_IN_WRITER, "run", "pipeline.yaml"]
+    else:
+        env["FUSE_TEST_KILL_AT"] = point
+        cmd = [sys.executable, "-m", "stages", "run", "pipeline.yaml"]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_killed_run_resumes_byte_identical(point, root, reference):
+    if point.startswith("swap:"):  # a swap happens when an output is replaced: re-run the stage over its own
+        fuse("run", "pipeline.yaml", cwd=root)
+        r = run_killed(root, point)
+        assert r.returncode == 137, r.stderr[-2000:]
+        r = fuse("run", "pipeline.yaml", "--only", point.split(":")[1], "--force", cwd=root)
+    else:
+        r = run_killed(root, point)
+        assert r.returncode == 137, f"{point} was never reached:\n{r.stderr[-2000:]}"
+    r = fuse("run", "pipeline.yaml", cwd=root)
+    assert "Traceback" not in r.stderr
+    assert outputs(root) == reference
+    assert leftovers(root) == []
+    assert fuse("verify", "runs/tiny", cwd=root).returncode == 0
+    if SLOW:  # and the resumed workdir is an ordinary one
+        assert "0 ran, 4 fresh and skipped" in fuse("run", "pipeline.yaml", cwd=root).stderr
+
+
+def test_a_kill_in_a_manifest_write_leaves_the_old_manifest_and_a_temp_file_the_next_run_removes(root):
+    r = run_killed(root, "atomic-write:manifest.json@2")  # validate's "done" record, fsync'd but not renamed
+    assert r.returncode == 137
+    w = root / "runs/tiny"
+    assert [p.name for p in w.glob(".manifest.json.*.tmp")]  # the killed write's temp file
+    assert json.loads((w / "manifest.json").read_text())["stages"]["validate"]["status"] == "running"
+    r = fuse("run", "pipeline.yaml", "--until", "validate", cwd=root)
+    assert "[validate] running: interrupted" in r.stderr and not list(w.glob(".manifest.json.*.tmp"))
