@@ -336,7 +336,7 @@ class Manifest:
         out = []
         names = set(os.listdir(self.workdir)) if self.workdir.is_dir() else set()
         for sid, rec in self.stages.items():
-            if "temp" in rec:  # a running (killed) or failed record; a done one has none
+            if "temp" in rec:  # a running (killed) or failed record, or a done one whose trash stayed
                 out += [self.workdir / n for n in sorted(names)
                         if n in rec["temp"] or any(n.startswith(t + "-scratch-") for t in rec["temp"])]
             elif rec.get("status") == "running":  # before 0.2: .tmp-<stage>-<id>-<8 hex>, export's scratch dirs

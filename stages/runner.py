@@ -415,7 +415,8 @@ class Runner:
         if ctx.external:
             rec["external"] = ctx.external
         rec.pop("error", None)
-        rec.pop("temp", None)
+        if not trash.exists():
+            rec.pop("temp", None)
         self.manifest.save()
         mf.crash_point("stage-done:" + s.id)
         self.log(f"[{s.id}] done in {rec['seconds']:.1f}s"
@@ -431,7 +432,7 @@ class Runner:
         os.replace(tmp, final)
         mf.fsync_path(self.workdir)
         if old:
-            shutil.rmtree(trash)
+            shutil.rmtree(trash, ignore_errors=True)  # what stays is named in the record: the next run retries
 
     def _check_space(self, s: StageSpec, ctx: StageContext):
         estimate = getattr(s.module, "estimate_bytes", None)
