@@ -258,6 +258,7 @@ class Publisher(_Base):
                     fill(fh)
                     fh.flush()
                     os.fsync(fh.fileno())
+                kill_point(f"dir:renaming:{dest.name}")  # complete in its temp file, not in place
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)
