@@ -109,6 +109,12 @@ class Runner:
                 pass
             raise FuseError("F401", f"another Fuse run{' (' + holder + ')' if holder else ''} holds this workdir",
                             file=self.workdir, fix="wait for it to finish, or use another workdir") from None
+        held = os.pread(fd, 256, 0)
+        if held and not re.fullmatch(rb"pid \d+ on [^\n]*", held):  # Fuse writes nothing else there
+            os.close(fd)
+            raise FuseError("F408", f"{self.workdir / '.lock'} was not written by Fuse, and Fuse keeps its lock "
+                                    "there", file=self.workdir / ".lock",
+                            fix="move it out of the workdir, or point workdir: at another directory")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
         self._lock_fd = fd

@@ -411,6 +411,15 @@ def test_a_user_folder_named_like_a_stage_is_never_deleted(project):
     assert not (project / "out/manifest.json").exists()  # no stage began
 
 
+def test_a_user_file_where_fuse_keeps_its_lock_is_not_overwritten(project):
+    write_pipeline(project, workdir="out")
+    (project / "out").mkdir()
+    (project / "out/.lock").write_text("my notes\n")
+    line = one_finding(fuse("run", "pipeline.yaml", cwd=project, check=False), "F408", 2)
+    assert str(project / "out/.lock") in line
+    assert (project / "out/.lock").read_text() == "my notes\n"
+
+
 def test_user_temp_entries_survive_and_fuse_temp_files_do_not(project):
     w = project / "runs/tiny"
     users = [".tmp-notes/a.txt", ".tmp-merge-merge-0badc0de/x", ".trash-merge-0badc0de/y", ".manifest.json.mine.tmp"]
