@@ -340,3 +340,23 @@ def test_merge_publish_pipeline_refuses_and_publishes_nothing(good, tmp_path, ca
     assert_one_finding(r, code, file)
     assert not (p / "dist").exists()
     assert not (p / "runs" / "reader" / "merge").exists()
+
+
+def test_a_config_peft_refuses_is_F201(tmp_path):
+    from stages.peft.adapter import peft_config_of
+
+    config = json.loads((Path(__file__).parent.parent / "demo" / "adapter" / "adapter_config.json").read_text())
+    with pytest.raises(FuseError) as e:
+        peft_config_of({**config, "eva_config": [1, 2]}, tmp_path / "adapter_config.json")
+    assert e.value.finding.code == "F201" and "EvaConfig" in e.value.finding.message
+
+
+def test_an_adapter_peft_refuses_is_F201_in_check_not_a_bug(good, tmp_path):
+    """Keys Fuse never reads but peft's own loader checks: the check stage builds the PeftModel, and what
+    peft refuses there is the adapter's fault (F201 naming its config), not "F406 a bug in Fuse"."""
+    p = project(good, tmp_path)
+    config = json.loads((p / "adapter" / "adapter_config.json").read_text())
+    (p / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "bias": False}))
+    (p / "pipeline.yaml").write_text(PIPELINE.replace("  - publish: {to: dir, path: dist}\n", "  - check\n"))
+    r = fuse("run", "pipeline.yaml", cwd=p, check=False, timeout=600)
+    assert_one_finding(r, "F201", "adapter_config.json")

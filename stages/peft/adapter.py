@@ -5,6 +5,7 @@ check an adapter without importing torch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -224,6 +225,34 @@ CONFIG_TYPES = {
         "fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "block_share", "coft", "save_projection",
         "use_cayley_neumann", "inference_mode", "use_effective_conv2d", "decompose_both", "rank_dropout_scale")},
 }
+
+
+def peft_config_of(config: dict, path: Path):
+    """peft's own ``PeftConfig`` of an adapter config (imports torch); F201 when peft refuses it."""
+    from peft import PeftConfig
+
+    with peft_refusal(path.parent):
+        return PeftConfig.from_peft_type(**config)
+
+
+@contextlib.contextmanager
+def peft_refusal(adapter_dir):
+    """Turn what peft raises while it reads an adapter into F201 naming its config.
+
+    peft's config classes and tuners check more than Fuse reads (``bias`` one of three
+    strings, ``eva_config`` an object, ``megatron_config`` needing Megatron, ...): what peft's
+    own loader refuses is the file's fault, so it is a finding with peft's reason, not a crash.
+    """
+    path = Path(adapter_dir) / CONFIG_NAME
+    try:
+        yield
+    except (FuseError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - peft is the judge of its own format
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise FuseError("F201", f"peft cannot load the adapter {Path(adapter_dir).name}: {type(e).__name__}: "
+                        f"{reason}", file=path,
+                        fix="re-save the adapter with peft's save_pretrained, or correct the value peft names") from None
 
 
 def check_config_types(config: dict, path: Path) -> None:

@@ -25,10 +25,10 @@ def peft_config(adapter):
     """The adapter's ``PeftConfig`` as peft itself builds it from adapter_config.json (cached on the adapter)."""
     cached = adapter._cache.get("peft_config")
     if cached is None:
-        from peft import PeftConfig
+        from stages.peft.adapter import CONFIG_NAME, peft_config_of
 
         with quiet():
-            cached = PeftConfig.from_peft_type(**adapter.config)
+            cached = peft_config_of(adapter.config, adapter.path / CONFIG_NAME)  # F201 when peft refuses it
         cached.inference_mode = True
         adapter._cache["peft_config"] = cached
     return cached

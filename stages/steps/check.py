@@ -579,11 +579,15 @@ def _peft_model(base_dir, adapters):
     """The unmerged reference: base in float32 with every adapter active, each scaled by its weight."""
     from peft import PeftModel
 
+    from ..peft.adapter import peft_refusal
+
     model = _causal_lm(base_dir)
     with _without_gptqmodel_dispatch():
-        peft_model = PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name="a0")
+        with peft_refusal(adapters[0][0]):  # an adapter peft's own loader refuses is F201, not a crash
+            peft_model = PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name="a0")
         for i, (path, _) in enumerate(adapters[1:], 1):
-            peft_model.load_adapter(str(path), adapter_name=f"a{i}")
+            with peft_refusal(path):
+                peft_model.load_adapter(str(path), adapter_name=f"a{i}")
     names = [f"a{i}" for i in range(len(adapters))]
     if len(names) > 1:
         peft_model.base_model.set_adapter(names)
