@@ -11,10 +11,11 @@ replays it; a failure also prints hypothesis' own reproduction line):
 2. byte-level and value-level mutations of the demo adapter (adapter_model.safetensors and
    adapter_config.json) -> loading it and planning its merge onto a header-only base succeeds
    or raises a F2xx finding, never another exception;
-3. end-to-end: ``python -m stages merge BASE ADAPTER OUT`` in a subprocess on a tiny base from
+3. end-to-end: ``python -m stages merge BASE ADAPTER OUT``, or a ``[merge, publish]`` pipeline
+   (no validate stage: the readers alone stand guard), in a subprocess on a tiny base from
    tests/factory.py with a mutated adapter, under an address-space limit and a timeout -> exit
-   0, 1 or 2, no traceback, no "bug in Fuse", one finding line for exit 2, nothing written
-   outside OUT.
+   0, 1 or 2, no traceback, no "bug in Fuse" (F406), one finding line for exit 2, nothing
+   written outside OUT (the workdir and the publish directory for the pipeline).
 
 A few hundred in-process examples by default (seconds); thousands with ``FUSE_SLOW=1``.
 """
@@ -34,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 
 from stages.findings import FuseError
@@ -121,6 +122,7 @@ def assert_contract(path: Path, blob: bytes) -> list | None:
         tensors, metadata = read_header(path)
     except FuseError as e:
         f = e.finding
+        event(f.code)
         assert f.code in ("F206", "F209"), f.line_text()
         assert f.file == str(path) and f.fix and "\n" not in f.line_text(), f.line_text()
         return None
@@ -130,6 +132,7 @@ def assert_contract(path: Path, blob: bytes) -> list | None:
         assert t.start == pos and t.nbytes == math.prod(t.shape) * ITEMSIZE[t.dtype], t
         pos = t.end
     assert pos == len(blob)
+    event("accepted")
     assert isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
     from safetensors import safe_open  # the oracle: what Fuse accepts, the format's own reader accepts alike
 
@@ -257,7 +260,9 @@ def test_mutated_demo_adapter_plans_or_is_a_F2xx_finding(demo, data):
         (adapter / "adapter_config.json").write_bytes(config)
         try:
             plan_merge(base, [load_adapter(adapter)])
+            event("planned")
         except FuseError as e:
+            event(e.finding.code)
             assert e.finding.code.startswith("F2"), e.finding.line_text()
             assert "\n" not in e.finding.message, e.finding.line_text()
 
@@ -289,30 +294,47 @@ def _tree(root: Path) -> dict:
             for p in sorted(root.rglob("*"))}
 
 
+PIPELINE = """\
+version: 1
+name: fuzz
+base: base
+adapter: adapter
+workdir: runs
+stages: [merge, {publish: {to: dir, path: dist}}]
+"""
+COMMANDS = {"merge": (["merge", "base", "adapter", "out"], ("out",)),  # one-shot: writes OUT only
+            "pipeline": (["run", "pipeline.yaml"], ("runs", "dist"))}  # no validate stage: the readers alone
+
+
 @seed(SEED)
-@examples(12, 48)
+@examples(8, 48)
 @given(data=st.data())
-def test_fuse_merge_on_a_mutated_adapter_exits_cleanly(tiny, data):
+def test_cli_on_a_mutated_adapter_exits_cleanly(tiny, data):
     weights = (tiny / "adapter" / "adapter_model.safetensors").read_bytes()
     config = (tiny / "adapter" / "adapter_config.json").read_bytes()
     weights, config = _mutated(data.draw, weights, config)
+    command = data.draw(st.sampled_from(sorted(COMMANDS)))
+    argv, outputs = COMMANDS[command]
     with tempfile.TemporaryDirectory() as d:
         case = Path(d)
         shutil.copytree(tiny / "base", case / "base")
         (case / "adapter").mkdir()
         (case / "adapter" / "adapter_model.safetensors").write_bytes(weights)
         (case / "adapter" / "adapter_config.json").write_bytes(config)
+        (case / "pipeline.yaml").write_text(PIPELINE)
         before = _tree(case)
         env = {k: v for k, v in os.environ.items() if k not in ("GITHUB_ACTIONS", "FUSE_DEBUG")}
         env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HOME=str(case / "home"), HF_HOME=str(case / "home"))
-        r = subprocess.run([sys.executable, "-m", "stages", "merge", "base", "adapter", "out"], cwd=case,
-                           capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT, preexec_fn=_limit)
+        r = subprocess.run([sys.executable, "-m", "stages", *argv], cwd=case, capture_output=True, text=True,
+                           env=env, timeout=CLI_TIMEOUT, preexec_fn=_limit)
         out = r.stdout + r.stderr
+        codes = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("error ")]
+        event(f"{command}: exit {r.returncode} {' '.join(codes)}")
         assert r.returncode in (0, 1, 2), out[-3000:]
-        assert "Traceback" not in out and "bug in Fuse" not in out, out[-3000:]
+        assert "Traceback" not in out and "bug in Fuse" not in out and "F406" not in out, out[-3000:]
         if r.returncode == 2:
             lines = [line for line in r.stderr.splitlines() if line.startswith("error ")]
             assert len(lines) == 1 and lines[0].startswith("error F2"), r.stderr[-3000:]
-        after = {k: v for k, v in _tree(case).items() if not (k == "out" or k.startswith("out/"))}
-        assert after == before, "files written or changed outside OUT"
-        assert (case / "out").exists() == (r.returncode == 0)
+        after = {k: v for k, v in _tree(case).items() if k.split("/")[0] not in outputs}
+        assert after == before, "files written or changed outside the outputs"
+        assert (case / outputs[-1]).exists() == (r.returncode == 0)  # out/ or dist/ only when it succeeded
