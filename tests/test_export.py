@@ -176,8 +176,11 @@ def test_int4_and_int8_pass_their_looser_gates(project):
         assert metrics["variant"] == sid and metrics["quantized_ops"][op] == 14  # 7 projections x 2 layers
         assert metrics["kept_full_precision"]  # the lm_head MatMul stays float
         assert metrics["kl_mean"] <= metrics["thresholds"]["max_kl"] and metrics["top1_agreement"] >= 0.85
-        ops = {n.op_type for n in onnx.load(str(root / "runs/tiny" / sid / "model.onnx")).graph.node}
-        assert op in ops
+        graph = onnx.load(str(root / "runs/tiny" / sid / "model.onnx")).graph
+        assert op in {n.op_type for n in graph.node}
+        # ORT's quantizers copy node metadata: the exporter's stack traces (local paths) stay scrubbed
+        keys = {p.key for n in graph.node for p in n.metadata_props} | {p.key for p in graph.metadata_props}
+        assert not [k for k in keys if k.startswith("pkg.torch") or k == "namespace"], keys
         assert (root / "runs/tiny" / sid / "model.onnx").stat().st_size < fp32 * (0.45 if sid == "int4" else 0.6)
     # int4 in ORT, measured here: greedy decoding through the cache still follows the merged model
     sess = session(root / "runs/tiny/int4/model.onnx")
@@ -205,6 +208,13 @@ def test_external_data_is_published_under_the_same_names(project):
     assert np.array_equal(got, want)
     card = (dist / "README.md").read_text()
     assert "library_name: onnx" in card and "decode_max_abs_diff" in card
+    # the graph names its data file by its bare name: no directory of this machine
+    import onnx
+
+    graph = onnx.load(str(dist / "model.onnx"), load_external_data=False).graph
+    locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}, locations
+    assert str(root).encode() not in (dist / "model.onnx").read_bytes()
 
 
 def test_a_failing_gate_stops_the_pipeline_with_its_numbers(project):
@@ -264,3 +274,42 @@ def test_export_is_deterministic(project):
     before = hashlib.sha256((root / "runs/tiny/nopast/model.onnx").read_bytes()).hexdigest()
     fuse("run", "pipeline.yaml", "--only", "nopast", "--force", cwd=root)
     assert hashlib.sha256((root / "runs/tiny/nopast/model.onnx").read_bytes()).hexdigest() == before
+
+
+def test_scrub_reaches_every_metadata_props_in_the_proto():
+    """torch's debugging metadata is dropped wherever ONNX keeps metadata_props: the model, the graph,
+    a subgraph inside a node attribute, nodes, values, initializers, functions and their nodes;
+    other entries stay."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from stages.onnx import exporter
+
+    def tag(msg, keep=False):
+        for key, value in (("pkg.torch.onnx.stack_trace", 'File "/home/alice/clone/stages/onnx/exporter.py", line 84'),
+                           ("pkg.torch.export.ExportedProgram.graph_signature", "sig"), ("namespace", "model.layers.0")):
+            msg.metadata_props.add(key=key, value=value)
+        if keep:
+            msg.metadata_props.add(key="author.note", value="kept")
+        return msg
+
+    then = helper.make_graph([tag(helper.make_node("Identity", ["x"], ["y"], name="inner"))], "then", [],
+                             [tag(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]))])
+    node = tag(helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then, name="if"))
+    node.doc_string = 'File "/home/alice/x.py"'
+    init = tag(helper.make_tensor("c", TensorProto.BOOL, [], [True]))
+    graph = tag(helper.make_graph([node], "g", [tag(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]))],
+                                  [tag(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]))], [init],
+                                  value_info=[tag(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1]))]),
+                keep=True)
+    fn = tag(helper.make_function("local", "f", ["a"], ["b"], [tag(helper.make_node("Identity", ["a"], ["b"]))],
+                                  [helper.make_opsetid("", 20)]))
+    model = tag(helper.make_model(graph, functions=[fn], opset_imports=[helper.make_opsetid("", 20),
+                                                                          helper.make_opsetid("local", 1)]), keep=True)
+    before = model.SerializeToString()
+    assert before.count(b"pkg.torch") == 2 * 13  # two branches hold a copy of the subgraph
+    assert exporter.scrub(model) == 3 * 13 + 1  # 13 places, 3 entries each, one node doc string
+    data = model.SerializeToString()
+    assert b"pkg.torch" not in data and b"namespace" not in data and b"/home/alice" not in data
+    assert data.count(b"author.note") == 2  # the graph's and the model's own entries stay
+    assert exporter.scrub(model) == 0
