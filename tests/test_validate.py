@@ -364,3 +364,12 @@ def test_whole_file_checks_are_the_readers(good, tmp_path):
     with pytest.raises(FuseError) as e:
         read_header(adapter / "adapter_model.safetensors")
     assert finding(preflight, base, [(adapter, 1.0)]) == e.value.finding
+
+
+def test_tokenizer_files_of_the_wrong_shape_are_not_a_crash(good, tmp_path):
+    base, adapter = copy(good, tmp_path)
+    (adapter / "tokenizer.json").write_text(json.dumps({"model": [1, 2], "added_tokens": 5}))
+    assert preflight(base, [(adapter, 1.0)])["plan"]["tensors_updated"] == 4
+    (adapter / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    f = finding(preflight, base, [(adapter, 1.0)])
+    assert f.code == "F208" and f.file == str(adapter / "tokenizer.json")

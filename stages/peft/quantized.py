@@ -139,7 +139,7 @@ def _read_json(info: TensorInfo) -> dict:
         os.close(fd)
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError, huge integers
         return {}
     return data if isinstance(data, dict) else {}
 

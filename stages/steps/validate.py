@@ -463,12 +463,14 @@ def tokenizer_size(directory: Path) -> tuple[int, Path] | None:
         data = read_json(path, code, fix="re-save the tokenizer with save_pretrained")
         ids = []
         if fname == "tokenizer.json" and isinstance(data, dict):
-            vocab = (data.get("model") or {}).get("vocab")
+            model = data.get("model")
+            vocab = model.get("vocab") if isinstance(model, dict) else None
             if isinstance(vocab, dict):
                 ids += [v for v in vocab.values() if isinstance(v, int)]
             elif isinstance(vocab, list):
                 ids.append(len(vocab) - 1)
-            ids += [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)
+            added = data.get("added_tokens")
+            ids += [t["id"] for t in (added if isinstance(added, list) else []) if isinstance(t, dict)
                     and isinstance(t.get("id"), int)]
         elif isinstance(data, dict):  # vocab.json / added_tokens.json: token -> id
             ids += [v for v in data.values() if isinstance(v, int)]
