@@ -39,7 +39,7 @@ _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$"
 # limits on what a pipeline file may hold: far above any real pipeline, far below harm
 MAX_BYTES = 256 * 1024  # the file (a real one is a few kB; PyYAML reads ~200 kB a second)
 MAX_DEPTH = 32  # nesting of lists and mappings (a real pipeline nests 5 deep)
-MAX_VALUES = 50_000  # values after expanding aliases: an alias bomb stops here, in milliseconds
+MAX_VALUES = 10_000  # values after expanding aliases (a real pipeline: a few hundred); an alias bomb stops here
 MAX_STEPS = 100  # stages, and adapters
 MAX_NAME_LEN = 100  # the name and stage ids become file and directory names
 # the name and stage ids: ASCII letters, digits, '.', '_', '-', starting with a letter or digit
@@ -267,8 +267,9 @@ def _fmt(path) -> str:
 
 
 def _compose(text: str, file: str) -> tuple[Any, _Located]:
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # the reader refuses control characters here already
         node = loader.get_single_node()
     except _Refused as e:
         raise FuseError("F112", e.message, file=file, line=e.line, fix=e.fix) from None
@@ -277,13 +278,18 @@ def _compose(text: str, file: str) -> tuple[Any, _Located]:
         line = mark.line + 1 if mark else None
         raise FuseError("F101", f"{e.problem or e}".strip(), file=file, line=line,
                         fix="fix the YAML syntax at that line (indentation, quotes, ':' after keys)") from None
+    except yaml.reader.ReaderError as e:
+        raise FuseError("F101", f"character {e.character:#06x} is not allowed in YAML", file=file,
+                        line=text.count("\n", 0, max(e.position, 0)) + 1,
+                        fix="remove the control character (save the file as plain UTF-8 text)") from None
     except yaml.YAMLError as e:
         raise FuseError("F101", str(e).splitlines()[0], file=file) from None
     except RecursionError:  # a limit above should have stopped it first
         raise FuseError("F112", "the YAML nests too deeply", file=file,
                         fix="flatten the structure: a pipeline nests a few levels deep") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     located = _Located(file)
     if node is None:
         raise FuseError("F104", "the pipeline file is empty", file=file, line=1,
