@@ -322,12 +322,13 @@ class Manifest:
 
     def owns_output(self, stage_id: str) -> bool:
         """``<workdir>/<id>/`` is Fuse's when a record says it wrote (or is writing) it there.
-        A ``running`` record without ``temp`` was written by Fuse before 0.2, which recorded the
-        output directory only when the stage finished: that directory is Fuse's too."""
+        A record without ``output_dir`` was written by Fuse before 0.2, which recorded the output
+        directory only when a stage finished, so a later running or failed record lost it while
+        the directory stayed: that directory is Fuse's too."""
         rec = self.record(stage_id)
         if not rec:
             return False
-        return rec.get("output_dir") == stage_id or (rec.get("status") == "running" and "temp" not in rec)
+        return rec.get("output_dir", stage_id) == stage_id
 
     def leftovers(self) -> list[Path]:
         """What killed runs left in the workdir and only Fuse may remove: the temp and trash entries

@@ -538,3 +538,9 @@ def test_a_workdir_written_before_the_ownership_rule_is_still_fuses(project, tmp
     r = fuse("run", "pipeline.yaml", cwd=project)
     assert "[merge] running: interrupted" in r.stderr and not (w / ".tmp-merge-merge-1234abcd").exists()
     assert fuse("verify", str(w), cwd=project).returncode == 0
+    # the old runner's failed re-run of merge: a failed record without output_dir, the earlier output in place
+    m = manifest(project)
+    m["stages"]["merge"] = {"stage": "merge", "status": "failed", "error": {"code": "F406", "message": "x"}}
+    (w / "manifest.json").write_text(json.dumps(m))
+    r = fuse("run", "pipeline.yaml", cwd=project)
+    assert "[merge] running: failed last time" in r.stderr and "F408" not in r.stderr
