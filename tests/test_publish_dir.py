@@ -523,7 +523,8 @@ def kill_points(version: int) -> list[str]:
             + ["dir:pushed", "dir:seal", "dir:renaming:.fuse-publish.json@2"])
 
 
-SMALL = [("fresh", "dir:renaming:.fuse-publish.json"), ("fresh", "dir:journal"), ("fresh", "dir:mid-copy"), ("fresh", "dir:before:fuse-provenance.json"),
+SMALL = [("fresh", "dir:renaming:.fuse-publish.json"), ("fresh", "dir:journal"), ("fresh", "dir:mid-copy"),
+         ("fresh", "dir:before:fuse-provenance.json"),
          ("fresh", "dir:before:SHA256SUMS"), ("republish", "dir:mid-copy@2"), ("republish", "dir:pushed"),
          ("republish", "dir:seal")]
 FULL = [("fresh", p) for p in kill_points(1)] + [("republish", p) for p in kill_points(2)]
@@ -623,7 +624,8 @@ def test_cli_collision_exits_2_and_read_only_target_exits_1(project, readonly_di
     r = fuse("run", "pipeline.yaml", cwd=project, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "F509" in r.stderr and "config.json" in r.stderr
-    assert (project / "dist/config.json").read_text() == "{}" and sorted(os.listdir(project / "dist")) == ["config.json"]
+    assert (project / "dist/config.json").read_text() == "{}"
+    assert sorted(os.listdir(project / "dist")) == ["config.json"]
     (project / "pipeline.yaml").write_text(PIPELINE.replace("path: dist", f"path: '{readonly_dir}/dist'"))
     r = fuse("run", "pipeline.yaml", cwd=project, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "F406" not in r.stderr
