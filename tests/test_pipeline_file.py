@@ -230,3 +230,111 @@ def test_params_command_prints_a_stage_and_refuses_an_unknown_one(tmp_path):
     assert r.returncode == 0 and "| `group_size` | int | `128` |" in r.stdout and "### `merge`" not in r.stdout
     r = fuse("params", "quantise", cwd=tmp_path, check=False)
     assert r.returncode == 2 and "F108" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- hostile files (issue 12 point 6)
+
+BILLION_LAUGHS = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+name: demo
+base: base
+stages: *i
+"""
+HEAD = "version: 1\nname: demo\nbase: base\nadapter: adapter\n"
+
+HOSTILE = [
+    ("alias bomb", BILLION_LAUGHS, "F112", 5, "e"),  # 'e' is the first key whose value passes 10000
+    ("self-referencing alias", HEAD + "stages: &s [merge, *s]\n", "F112", 5, "stages"),
+    ("self-referencing mapping", HEAD + "stages:\n  - merge: &m {dtype: *m}\n", "F112", 6, "merge"),
+    ("5000-deep list", HEAD + "stages: " + "[" * 5000 + "]" * 5000 + "\n", "F112", 5, None),
+    ("5000-deep map", HEAD + "stages: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", "F112", 5, None),
+    ("200-deep block list", HEAD + "stages:\n" + "".join("  " * i + "-\n" for i in range(1, 200)), "F112", None, None),
+    ("!!float xyz", GOOD.replace("{dtype: bfloat16}", "{dtype: !!float xyz}"), "F103", 7, "merge.dtype"),
+    ("!!bool maybe", GOOD.replace("  - validate\n", "  - validate: {strict: !!bool maybe}\n"), "F103", 6, "strict"),
+    ("5000-digit int", GOOD.replace("  - validate\n", "  - check: {probes: " + "9" * 5000 + "}\n"), "F103", 6,
+     "probes"),
+    ("bad date", GOOD.replace("name: demo", "name: 2020-13-45"), "F103", 2, "name"),
+    ("unknown tag", GOOD.replace("name: demo", "name: !foo demo"), "F112", 2, None),
+    ("python tag", GOOD.replace("name: demo", "name: !!python/object/apply:os.system ['true']"), "F112", 2, None),
+    ("binary tag", GOOD.replace("name: demo", "name: !!binary aGVsbG8="), "F112", 2, None),
+    ("tag on a mapping", GOOD.replace("{dtype: bfloat16}", "!!python/object:x {dtype: bfloat16}"), "F112", 7, None),
+    ("control character", GOOD.replace("name: demo", "name: de\x07mo"), "F101", 2, None),
+    ("256-character name", GOOD.replace("name: demo", "name: " + "a" * 256), "F103", 2, "name"),
+    ("101-character name", GOOD.replace("name: demo", "name: " + "a" * 101), "F103", 2, "name"),
+    ("non-ASCII name", GOOD.replace("name: demo", "name: démo"), "F103", 2, "name"),
+    ("256-character id", GOOD.replace("{dtype: bfloat16}", "{id: " + "m" * 256 + "}"), "F103", 7, "merge.id"),
+    ("id with a slash", GOOD.replace("{dtype: bfloat16}", "{id: ../escape}"), "F103", 7, "merge.id"),
+    ("id manifest.json", GOOD.replace("{dtype: bfloat16}", "{id: manifest.json}"), "F103", 7, "merge.id"),
+    ("ids differing in case", GOOD + "  - merge: {id: MERGE}\n", "F106", 9, None),
+    ("NUL in a path", GOOD.replace("path: out", 'path: "o\\0ut"'), "F103", 8, "publish.path"),
+    ("256-byte path component", GOOD.replace("path: out", "path: " + "o" * 256), "F103", 8, "publish.path"),
+    ("NaN weight", GOOD.replace("adapter: adapter", "adapters: [{path: adapter, weight: .nan}]"), "F103", 4,
+     "weight"),
+    ("NaN threshold", GOOD.replace("  - validate\n", "  - check: {max_kl: .nan}\n"), "F103", 6, "max_kl"),
+    ("101 stages", GOOD.split("stages:")[0] + "stages: [" + ", ".join(f"{{merge: {{id: m{i}}}}}" for i in range(101))
+     + "]\n", "F103", 5, "stages"),
+    ("dotted pkg that is not installed", GOOD.replace("path: out", "path: '${pkg.no_such_pkg.sub}'"), "F110", 8,
+     None),
+]
+
+
+@pytest.mark.parametrize("label,text,code,line,key", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_files_are_one_finding(tree, label, text, code, line, key):
+    path = write(tree, text)
+    with pytest.raises(FuseError) as e:
+        load(path)
+    f = e.value.finding
+    assert f.code == code, f.line_text()
+    assert f.file == str(path) and "\n" not in f.line_text() and len(f.line_text()) < 600, f.line_text()
+    if line:
+        assert f.line == line, f.line_text()
+    if key:
+        assert key in (f.key or ""), f.line_text()
+
+
+def test_a_file_past_the_size_limit_is_refused_without_reading_it_all(tree):
+    from stages.pipeline import MAX_BYTES
+
+    path = write(tree, GOOD + "# padding\n" * (MAX_BYTES // 10))
+    with pytest.raises(FuseError) as e:
+        load(path)
+    assert e.value.finding.code == "F112" and "256 KiB" in e.value.finding.message
+    if os.path.exists("/dev/zero"):  # an endless file: read up to the limit only
+        with pytest.raises(FuseError) as e:
+            load("/dev/zero")
+        assert e.value.finding.code == "F112"
+
+
+def test_anchors_and_aliases_within_the_budget_still_work(tree):
+    text = HEAD + "stages:\n  - merge: {dtype: float16}\n  - merge: {id: merge-2, dtype: bfloat16}\n" \
+                  "  - publish: {to: dir, path: &p out}\n  - publish: {id: p2, to: dir, path: *p, from: merge-2}\n"
+    p = load(write(tree, text))
+    assert p.stage("p2").params["path"] == str((tree / "out").resolve())
+    assert p.lines[("stages", 3, "publish", "path")] == 9  # line numbers survive aliases
+
+
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "&a [*a]", "!!python/object:os.system x", "!!float xyz"])
+def test_set_values_get_the_same_limits(tree, value):
+    with pytest.raises(FuseError) as e:
+        load(write(tree, GOOD), overrides=[f"merge.dtype={value}"])
+    assert e.value.finding.code == "F109" and "\n" not in e.value.finding.line_text()
+
+
+@pytest.mark.parametrize("label", ["alias bomb", "self-referencing alias", "5000-deep list", "!!float xyz",
+                                   "unknown tag", "256-character name", "id with a slash"])
+def test_cli_refuses_hostile_files_with_one_line(tree, label):
+    _, text, code, line, _ = next(c for c in HOSTILE if c[0] == label)
+    path = write(tree, text)
+    r = cli("run", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error {code} {path}:{line or ''}"), r.stderr
+    assert not (tree / "runs").exists()
