@@ -8,8 +8,8 @@ A model enters as an ``nn.Module`` (a transformers causal LM, a PeftModel) or as
 - :func:`run_prompts`: teacher-forced logits on a prompt set and a greedy continuation;
 - :func:`compare`: two such runs → max/mean abs logit difference, KL divergence, top-1
   agreement, perplexity ratio, greedy-decode agreement;
-- :func:`gate`: metrics against thresholds → the failures, in words; :func:`describe` and
-  :func:`verdict`: each number with its bound (or "informational") for a log line;
+- :func:`gate`: metrics against thresholds → the failures, in words; :func:`describe`: each
+  number with its bound, or marked informational, for a log line;
 - :func:`unit_roundoff`, :func:`probe_lambda`: the constants of the probe tolerance
   (``docs/validation.md`` derives it).
 
@@ -241,35 +241,40 @@ def compare(ref: PromptRun, test: PromptRun, prompts: list[list[int]]) -> dict:
     }
 
 
-def bound(metric: str, thresholds: dict) -> str | None:
-    """``"<= 0.02"`` / ``">= 0.85"``: the bound a gate puts on ``metric`` (``kl_mean``, ``logits_kl_mean``,
-    ``decode_max_abs_diff``...); None when no threshold is set: the number is informational."""
+def _limit(metric: str, thresholds: dict):
+    """(limit, "max" | "min") that ``thresholds`` put on ``metric`` (``kl_mean``, ``logits_kl_mean``,
+    ``decode_max_abs_diff``...), or None: the number is informational."""
     plain = metric.removeprefix("logits_")
     if plain == "decode_max_abs_diff":  # each decode step is held to the prefill's bound
         plain = "max_abs_diff"
     for name, (m, kind) in THRESHOLDS.items():
         if m == plain and thresholds.get(name) is not None:
-            return f"{'<=' if kind == 'max' else '>='} {thresholds[name]:g}"
+            return thresholds[name], kind
     return None
 
 
+def bound(metric: str, thresholds: dict) -> str | None:
+    """``"<= 0.02"`` / ``">= 0.85"``: the bound a gate puts on ``metric``; None when it is informational."""
+    limit = _limit(metric, thresholds)
+    return None if limit is None else f"{'<=' if limit[1] == 'max' else '>='} {limit[0]:g}"
+
+
 def describe(values: dict, thresholds: dict, names) -> str:
-    """Each number with its bound, or marked informational (measured, not gated):
-    ``"kl_mean 0.0012 (<= 0.02), top1_agreement 0.97 (>= 0.95), greedy_agreement 0.46 (informational)"``."""
-    parts = []
+    """The gated numbers with their bounds, then the informational ones (measured, not gated):
+    ``"kl_mean 0.0012 (<= 0.02), top1_agreement 0.97 (>= 0.95); informational, not gated: greedy_agreement 0.46"``;
+    a gated number outside its bound (or NaN) reads ``(outside <= 0.02)``."""
+    gated, info = [], []
     for name in names:
         value = values.get(name)
-        if isinstance(value, (int, float)):
-            parts.append(f"{name} {value:.4g} ({bound(name, thresholds) or 'informational'})")
-    return ", ".join(parts)
-
-
-def verdict(failures: list[str], thresholds: dict) -> str:
-    """The end of a gate's log line: passed or failed, and what informational means."""
-    gated = sum(v is not None for k, v in thresholds.items() if k in THRESHOLDS)
-    if failures:
-        return f"FAILED: {len(failures)} of {gated} gated numbers outside their bounds"
-    return f"passed: {gated} gated numbers within their bounds; informational numbers are recorded, not gated"
+        if not isinstance(value, (int, float)):
+            continue
+        limit = _limit(name, thresholds)
+        if limit is None:
+            info.append(f"{name} {value:.4g}")
+            continue
+        ok = value <= limit[0] if limit[1] == "max" else value >= limit[0]
+        gated.append(f"{name} {value:.4g} ({'' if ok else 'outside '}{bound(name, thresholds)})")
+    return ", ".join(gated) + (("; " if gated else "") + "informational, not gated: " + ", ".join(info) if info else "")
 
 
 def gate(metrics: dict, thresholds: dict) -> list[str]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
 from factory import SENTENCES, make_lora_adapter, make_tiny_model
 from cli import fuse
 
@@ -367,3 +370,30 @@ def test_group_size_must_divide_the_layers(tmp_path):
     _check_layers(layers, 64, tmp_path, "quantize")
     _check_layers(layers, -1, tmp_path, "quantize")
     assert math.gcd(576, 1536) % 64 == 0
+
+
+_EXAMPLES = 400 if os.environ.get("FUSE_SLOW") else 60
+
+
+@settings(max_examples=_EXAMPLES, deadline=None)
+@seed(20261205)
+@given(values=st.fixed_dictionaries({k: st.floats(0, 2) | st.just(float("nan")) for k in
+                                     ("max_abs_diff", "kl_mean", "top1_agreement", "ppl_ratio", "greedy_agreement")}),
+       limits=st.fixed_dictionaries({k: st.none() | st.floats(0, 2) for k in
+                                     ("max_abs_diff", "max_kl", "min_top1", "min_greedy", "max_ppl_ratio")}))
+def test_the_gate_line_marks_exactly_what_the_gate_fails_and_what_it_does_not_gate(values, limits):
+    """What a reader sees (stages.metrics.describe) agrees with what the gate decides (metrics.gate):
+    a number is 'outside' its bound iff the gate names it; 'informational' iff no threshold is set."""
+    from stages import metrics as M
+
+    line = M.describe(values, limits, tuple(values))
+    gated_part, _, info_part = line.partition("informational, not gated: ")
+    failed = {f.split()[0] for f in M.gate(values, limits)}
+    for metric in values:
+        name = next(n for n, (m, _) in M.THRESHOLDS.items() if m == metric)
+        if limits[name] is None:
+            assert f"{metric} " in info_part and f"{metric} " not in gated_part
+        else:
+            assert f"{metric} " in gated_part and f"{metric} " not in info_part
+            assert (f"(outside {M.bound(metric, limits)})" in line.split(f"{metric} ")[1].split(",")[0]) == \
+                (metric in failed), (line, failed)

@@ -315,8 +315,8 @@ def _gate(ctx, ref_dir: Path, test_dir: Path, device: str, bits: int, vocab, log
     del test_model
     values = M.compare(ref, test, prompts)
     failures = M.gate(values, limits)
-    ctx.log(f"  quantize: gate in {time.perf_counter() - started:.1f}s: "
-            f"{M.describe(values, limits, gate.KEY_METRICS)}; {M.verdict(failures, limits)}")
+    ctx.log(f"  quantize: gate {'FAILED' if failures else 'passed'} in {time.perf_counter() - started:.1f}s: "
+            + M.describe(values, limits, gate.KEY_METRICS))
     return values, failures, {k: v for k, v in limits.items() if v is not None}, source
 
 
