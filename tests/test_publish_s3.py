@@ -293,3 +293,21 @@ def test_kill_during_an_s3_publish_then_rerun_is_identical(store, tmp_path, poin
     assert {p: hashlib.sha256(d).hexdigest() for p, (d, _) in got.items()} == {f.path: f.sha256 for f in files}
     assert [u for u in store.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
             if u["Key"].startswith(run)] == []
+
+
+def test_someone_elses_object_where_the_model_goes_is_F509_before_any_upload(store, tmp_path):
+    """Issue 12, 1 for S3: an overwrite keeps no history, so an object Fuse did not write (no sha256
+    metadata of Fuse's) at a key the model needs stops the publish; others are left alone."""
+    files = make_files(tmp_path / "m")
+    store.put_object(Bucket=store.bucket, Key="own/v1/config.json", Body=b'{"theirs": true}')
+    store.put_object(Bucket=store.bucket, Key="own/v1/notes.txt", Body=b"keep me")
+    pub = publisher(store, prefix="own/v1")
+    with pytest.raises(FuseError) as e:
+        sync(pub, files)
+    f = e.value.finding
+    assert f.code == "F509" and "config.json" in f.message and "config.json" in f.fix
+    assert pub.uploaded() == {}  # nothing sent
+    assert store.get_object(Bucket=store.bucket, Key="own/v1/config.json")["Body"].read() == b'{"theirs": true}'
+    store.delete_object(Bucket=store.bucket, Key="own/v1/config.json")
+    sync(publisher(store, prefix="own/v1"), files)
+    assert store.get_object(Bucket=store.bucket, Key="own/v1/notes.txt")["Body"].read() == b"keep me"

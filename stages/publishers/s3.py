@@ -4,10 +4,11 @@
   ``AWS_PROFILE``, web identity/OIDC role in CI, instance roles). None found, or the store
   refuses them on ``HeadBucket``: one ``F502`` before anything is sent. The bucket must
   exist (``F501`` otherwise): creating buckets is an account decision, not a publish step.
-- **compare**: objects under ``url``'s prefix are listed; each one whose size matches is
-  asked for the ``sha256`` that Fuse stored in its metadata (``x-amz-meta-sha256``). Files
-  already there are not sent, so a re-run sends 0 bytes and an interrupted publish sends
-  only the missing files.
+- **claim and compare**: objects under ``url``'s prefix are listed; each one at a key the
+  model needs is asked for the ``sha256`` that Fuse stored in its metadata
+  (``x-amz-meta-sha256``). One without it is someone else's: ``F509``, before anything is
+  sent. Files already there are not sent, so a re-run sends 0 bytes and an interrupted
+  publish sends only the missing files.
 - **upload**: ``upload_file`` with ``ChecksumAlgorithm=SHA256``: files over ``part_size``
   go up as a multipart upload whose every part carries its sha256, checked by the store;
   smaller ones as one PUT whose full-object sha256 the store checks. Model files go first,
@@ -113,7 +114,10 @@ class Publisher(_Base):
                                             request_checksum_calculation="when_required",
                                             response_checksum_validation="when_required"))
 
-    def remote(self, files):
+    def claim(self, files):
+        """An object at a key this publish writes must be Fuse's: every object Fuse uploads carries
+        its ``sha256`` metadata. Someone else's object there is ``F509`` before anything is sent
+        (an S3 overwrite keeps no history)."""
         sizes = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
@@ -122,15 +126,21 @@ class Publisher(_Base):
                     sizes[obj["Key"][len(self.prefix):]] = obj["Size"]
         except Exception as e:
             raise self._fail("ListObjectsV2", e) from None
+        self.listing = sizes
+        self.heads = {f.path: self._head(f.path) for f in files if f.path in sizes}
+        foreign = [p for p, h in self.heads.items() if not h.get("Metadata", {}).get("sha256")]
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise self.error("F509", f"{self.url} already holds {foreign[0]}{more}, which Fuse did not publish (no "
+                                     f"sha256 metadata of Fuse's), where Fuse must write the model", key="url",
+                             fix=f"move or delete {', '.join(foreign[:5])}, or publish to another prefix")
+
+    def remote(self, files):
         out = {}
         for f in files:
-            if sizes.get(f.path) != f.size:
-                if f.path in sizes:
-                    out[f.path] = RemoteFile(size=sizes[f.path])
-                continue
-            head = self._head(f.path)
-            out[f.path] = RemoteFile(size=head["ContentLength"], sha256=head.get("Metadata", {}).get("sha256"))
-        self.listing = sizes
+            head = self.heads.get(f.path)
+            if head is not None:
+                out[f.path] = RemoteFile(size=head["ContentLength"], sha256=head.get("Metadata", {}).get("sha256"))
         return out
 
     def _head(self, path: str) -> dict:
