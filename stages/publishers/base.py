@@ -8,9 +8,9 @@
    and note its current state (the branch head for the Hub).
 3. ``check_release(files)``: a release marker that already exists (a Hub tag) must point at
    exactly these files, or the publish stops (``F503``) before sending anything.
-   ``claim(files)``: a target that must protect what it does not own (``dir``) refuses a
-   path held by someone else (``F509``) and records what it is about to write, before it
-   writes anything.
+   ``claim(files)``: a target that must protect what it does not own (``dir``, ``s3``)
+   refuses a path held by someone else (``F509``), and a directory records what it is about
+   to write (its journal), before anything is written.
 4. ``remote(files)``: size and sha256 of what the target already holds at those paths.
    Files whose sha256 already matches are not sent: an unchanged re-publish sends 0 bytes,
    and a publish interrupted half way sends only what is missing.
