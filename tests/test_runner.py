@@ -283,14 +283,17 @@ def test_no_secret_from_env_reaches_manifest_or_logs(project):
     r0 = fuse("run", "pipeline.yaml", cwd=project, env={"FUSE_TEST_TOKEN": secret}, check=False)
     assert r0.returncode == 2 and "F113" in r0.stderr and "FUSE_TEST_TOKEN" in r0.stderr
     assert not (project / "runs").exists() and not list(project.glob("*-dist"))
-    write_pipeline(project)
+    # a card template that (by mistake) holds the secret: the published card and provenance do not
+    (project / "card.md").write_text(f"## Notes\n\nTrained with {secret} (oops).\n")
+    write_pipeline(project, text=PIPELINE.replace("path: dist", "path: dist, card: card.md"))
     r = fuse("run", "pipeline.yaml", cwd=project, env={"FUSE_TEST_TOKEN": secret})
+    assert "Trained with *** (oops)." in (project / "dist/README.md").read_text()
     r1 = fuse("run", "pipeline.yaml", "--set", f"merge.dtype={secret}", cwd=project, env={"FUSE_TEST_TOKEN": secret},
               check=False)
     assert r1.returncode == 2 and "F109" in r1.stderr and "${env.FUSE_TEST_TOKEN}" in r1.stderr
     r2 = fuse("show", "pipeline.yaml", cwd=project, env={"FUSE_TEST_TOKEN": secret})
     r3 = fuse("status", "pipeline.yaml", cwd=project, env={"FUSE_TEST_TOKEN": secret})
-    workdir_text = "".join(p.read_text(errors="replace") for p in (project / "runs/tiny").rglob("*")
+    workdir_text = "".join(p.read_text(errors="replace") for d in ("runs/tiny", "dist") for p in (project / d).rglob("*")
                            if p.is_file() and p.suffix in (".json", ".md", "") and p.stat().st_size < 10**6)
     for text in (r0.stderr, r.stderr, r.stdout, r1.stderr, r2.stdout, r2.stderr, r3.stdout, workdir_text):
         assert secret not in text  # never written down or printed

@@ -26,7 +26,7 @@ from .. import card
 from ..findings import FuseError
 from ..manifest import file_record, tool_version
 from ..pipeline import Param, upstream_of
-from ..secrets import remember
+from ..secrets import redact_data, remember
 
 NAME = "publish"
 VERSION = 2
@@ -255,10 +255,10 @@ def run(ctx) -> dict:
     src = ctx.input_dir
     upstream = ctx.manifest.record(ctx.input_stage)
     model_files = {f["path"]: f for f in upstream["outputs"] if f["path"] not in GENERATED}
-    prov = provenance(ctx)
+    prov = redact_data(provenance(ctx), ctx.manifest.secrets)  # the card and provenance carry no secret
     prov["files"] = {path: f["sha256"] for path, f in sorted(model_files.items())}
     readme = card.render_card(prov, card.base_card_metadata(src), model_id=_model_id(ctx), target=to,
-                              template=_template(ctx))
+                              template=redact_data(_template(ctx), ctx.manifest.secrets))
     generated = {card.PROVENANCE: card.provenance_bytes(prov), "README.md": readme.encode("utf-8")}
     all_sums = dict(prov["files"], **{k: sha256(v).hexdigest() for k, v in generated.items()})
     generated[card.SUMS] = card.sha256sums(all_sums)
