@@ -119,13 +119,16 @@ def artifact_label(prov: dict) -> str:
     """``merged model``, ``GPTQ 8-bit``, ``AWQ 4-bit``, ``ONNX (float32)``, ``ONNX (int4)``..."""
     kind = artifact_kind(prov)
     if kind == "onnx":
-        p = _step(prov, "export")["params"]
-        variant = p.get("quantize") if p.get("quantize") not in (None, "none") else p.get("dtype") or "float32"
-        return f"ONNX ({variant})"
+        return f"ONNX ({_onnx_variant(prov)})"
     if kind == "quantized":
         p = (_step(prov, "quantize") or {}).get("params", {})
         return f"{str(p.get('method', 'gptq')).upper()} {p.get('bits', 4)}-bit"
     return "merged model"
+
+
+def _onnx_variant(prov: dict) -> str:
+    p = _step(prov, "export")["params"]
+    return p.get("quantize") if p.get("quantize") not in (None, "none") else p.get("dtype") or "float32"
 
 
 def relation(prov: dict) -> str:
@@ -242,14 +245,14 @@ def _intro(prov: dict) -> str:
     made = (f"{_base_phrase(prov)} with {_adapters_phrase(prov)} merged into its weights by Fuse "
             f"(`fuse-llm` {prov['tool']['version']})")
     if kind == "quantized":
-        p = _step(prov, "quantize")["params"]
+        p = (_step(prov, "quantize") or {}).get("params", {})
         return (made + f", then quantized with {str(p.get('method', 'gptq')).upper()} to {p.get('bits')} bits "
                 f"(group size {p.get('group_size')}). It loads with transformers when `gptqmodel` is installed; "
                 "no adapter code is needed.")
     if kind == "onnx":
         p = _step(prov, "export")["params"]
         cache = "with KV-cache inputs and outputs" if p.get("with_past", True) else "without KV cache"
-        return (made + f", then exported to ONNX ({artifact_label(prov)[6:-1]}, {cache}) for ONNX Runtime. "
+        return (made + f", then exported to ONNX ({_onnx_variant(prov)}, {cache}) for ONNX Runtime. "
                 "The directory holds the graph and the tokenizer: no PyTorch is needed to run it.")
     return made + ". It is a standalone model: no adapter code is needed to load it."
 
