@@ -44,7 +44,7 @@ MAX_STEPS = 100  # stages, and adapters
 MAX_NAME_LEN = 100  # the name and stage ids become file and directory names
 # the name and stage ids: ASCII letters, digits, '.', '_', '-', starting with a letter or digit
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RESERVED_IDS = ("manifest.json",)  # a step's output dir <workdir>/<id>/ must not be a file Fuse keeps there
+RESERVED_IDS = ("manifest.json", "logs")  # <workdir>/<id>/ must not be what Fuse keeps there (dot names can't pass)
 # explicit tags allowed: those of plain strings, numbers, booleans, null, lists and mappings
 _SAFE_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
@@ -623,7 +623,7 @@ def _load_stages(items, here, interp, located) -> list[StageSpec]:
         _check_type(sid, Param(str), path + ("id",), located)
         _check_name(sid, path + ("id",) if "id" in params else path, located, what="stage id", example=f"{name}-2")
         if sid.lower() in RESERVED_IDS:
-            raise FuseError("F103", f"stage id {_show(sid)} is a file Fuse keeps in the workdir", file=file,
+            raise FuseError("F103", f"stage id {_show(sid)} is an entry Fuse keeps in the workdir", file=file,
                             line=located.at(path + ("id",)), key=_fmt(path + ("id",)), fix=f"use id: {name}-2")
         if sid.lower() in seen:  # merge and Merge would share a directory where case does not count (macOS)
             raise FuseError("F106", f"stage id {_show(sid)} is used twice (first at line {seen[sid.lower()]})",

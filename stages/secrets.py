@@ -119,6 +119,22 @@ def redact_data(obj, secrets=()):
     return walk(obj)
 
 
+def redact_file(path) -> None:
+    """Rewrite a text file a library wrote for Fuse (a log it captured) with its secrets redacted."""
+    pieces = redactable()
+    if not pieces:
+        return
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+        clean = _apply(text, pieces)
+        if clean != text:
+            with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(clean)
+    except OSError:
+        pass
+
+
 MASK_COMMAND = "::add-mask::"  # GitHub Actions' own masking: the one line that must carry the value
 
 

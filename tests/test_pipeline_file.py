@@ -273,6 +273,7 @@ HOSTILE = [
     ("256-character id", GOOD.replace("{dtype: bfloat16}", "{id: " + "m" * 256 + "}"), "F103", 7, "merge.id"),
     ("id with a slash", GOOD.replace("{dtype: bfloat16}", "{id: ../escape}"), "F103", 7, "merge.id"),
     ("id manifest.json", GOOD.replace("{dtype: bfloat16}", "{id: manifest.json}"), "F103", 7, "merge.id"),
+    ("id logs", GOOD.replace("{dtype: bfloat16}", "{id: Logs}"), "F103", 7, "merge.id"),
     ("ids differing in case", GOOD + "  - merge: {id: MERGE}\n", "F106", 9, None),
     ("NUL in a path", GOOD.replace("path: out", 'path: "o\\0ut"'), "F103", 8, "publish.path"),
     ("256-byte path component", GOOD.replace("path: out", "path: " + "o" * 256), "F103", 8, "publish.path"),

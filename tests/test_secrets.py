@@ -106,6 +106,19 @@ def test_the_cli_streams_redact_a_secret_written_in_pieces(monkeypatch):
     assert buf.getvalue() == f"progress *** done\r::add-mask::{SECRET}\ntail ***"
 
 
+def test_a_captured_library_log_is_redacted(tmp_path, monkeypatch):
+    """quantize/export keep what GPTQModel or torch.onnx print in <workdir>/logs/<id>.log: a file Fuse writes."""
+    from stages.quantization.capture import captured
+
+    monkeypatch.setenv("MY_TOKEN", SECRET)
+    log = tmp_path / "logs" / "quantize.log"
+    with captured(log):
+        os.write(1, f"a C extension prints {SECRET}\n".encode())
+        os.write(2, f"and on stderr {SECRET[:9]}".encode())
+        os.write(2, f"{SECRET[9:]}\n".encode())
+    assert log.read_text() == "a C extension prints ***\nand on stderr ***\n"
+
+
 def test_mask_secrets_uses_the_same_rule(monkeypatch):
     from stages import report
 

@@ -45,6 +45,9 @@ def captured(log_file: Path | None):
         os.dup2(saved[1], 2)
         for f in saved + [fd]:
             os.close(f)
+        from ..secrets import redact_file
+
+        redact_file(log_file)  # a log Fuse keeps is a file it writes: no secret in it (stages/secrets.py)
 
 
 def tail(path: Path, lines: int = 8) -> list[str]:
