@@ -360,3 +360,20 @@ def test_an_adapter_peft_refuses_is_F201_in_check_not_a_bug(good, tmp_path):
     (p / "pipeline.yaml").write_text(PIPELINE.replace("  - publish: {to: dir, path: dist}\n", "  - check\n"))
     r = fuse("run", "pipeline.yaml", cwd=p, check=False, timeout=600)
     assert_one_finding(r, "F201", "adapter_config.json")
+
+
+@pytest.mark.parametrize("text, words", [
+    (rb'{"a\ud800": {"dtype": "BF16", "shape": [], "data_offsets": [0, 2]}}', "surrogate"),
+    (rb'{"a": {"dtype": "BF16", "shape": [], "data_offsets": [0, 2], "x": ["\udc00"]}}', "surrogate"),
+    (rb'{"a": {"dtype": "BF16", "shape": [], "data_offsets": [0, 2], "x": NaN}}', "not finite"),
+    (rb'{"a": {"dtype": "BF16", "shape": [], "data_offsets": [0, 2], "x": 1e400}}', "not finite"),
+], ids=["lone-surrogate-in-a-name", "lone-surrogate-in-an-extra-field", "nan", "1e400"])
+def test_json_python_accepts_but_the_format_does_not(tmp_path, text, words):
+    """Found by the fuzzer: Python's json lets these through, the safetensors library refuses the file."""
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\0\0")
+    with pytest.raises(Exception):  # noqa: B017 - the oracle
+        safe_open(path, "pt")
+    with pytest.raises(FuseError) as e:
+        read_header(path)
+    assert e.value.finding.code == "F206" and words in e.value.finding.message

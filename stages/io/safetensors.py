@@ -113,14 +113,23 @@ def read_header(path) -> tuple[list[TensorInfo], dict]:
     if not raw.startswith(b"{"):  # as the safetensors library: the header starts with "{"
         raise corrupt("the header does not start with '{' (the 8-byte length may be wrong)")
 
-    def no_duplicates(pairs):
+    def checked_object(pairs):
         keys = [k for k, _ in pairs]
         if len(set(keys)) != len(keys):
             raise corrupt(f"duplicate key {_show(next(k for k in keys if keys.count(k) > 1))} in the header")
+        if any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in pairs):  # as the format's JSON parser
+            raise corrupt("the header holds a \\u escape of half a UTF-16 surrogate pair, which is not text")
         return dict(pairs)
 
+    def finite(text):  # NaN, Infinity and 1e400 are no JSON numbers to the format's parser
+        value = float(text)
+        if not math.isfinite(value):
+            raise corrupt(f"the header holds the number {_show(text)}, which is not finite")
+        return value
+
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=checked_object, parse_float=finite,
+                            parse_constant=finite)
     except UnicodeDecodeError as e:
         raise corrupt(f"the header is not UTF-8 (byte {e.start})") from None
     except RecursionError:
@@ -184,6 +193,19 @@ _FIX = "re-download or re-save the file (safetensors' save_file writes a valid o
 
 # every dtype name of the safetensors format; those not in ITEMSIZE are valid files Fuse cannot merge (F209)
 SAFETENSORS_DTYPES = frozenset(ITEMSIZE) | {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64"}
+
+
+def _lone_surrogate(value) -> bool:
+    """A string (or list of them, nested) with a lone surrogate, which Python's JSON decoder lets
+    through from an escape such as ``\\ud800`` and the safetensors library refuses. Objects
+    inside are checked by their own hook call."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    return isinstance(value, list) and any(_lone_surrogate(v) for v in value)
 
 
 def _count(value) -> bool:
