@@ -578,6 +578,18 @@ def paths_info(h: _Handler, ns, name, rev):
     h._json(200, out)
 
 
+@route("GET", REPO + r"/tree/(?P<rev>[^/]+)")
+def tree(h: _Handler, ns, name, rev):
+    """The recursive listing snapshot_download reads (one page: no Link header)."""
+    repo = h._repo(ns, name)
+    if repo is None:
+        return
+    oid = h._rev(repo, unquote(rev))
+    if oid is None:
+        return
+    h._json(200, [_file_json(p, e) for p, e in sorted(repo.commits[oid]["files"].items())])
+
+
 @route("GET", REPO + r"/refs")
 def refs(h: _Handler, ns, name):
     repo = h._repo(ns, name)

@@ -107,12 +107,31 @@ def test_every_composite_run_step_names_its_shell():
 
 
 def test_the_act_stubs_stand_in_for_the_pinned_actions():
-    """.ci/lint-actions maps each pinned remote action of the self-test to a stub."""
+    """.ci/lint-actions maps each pinned remote action of the self-test and the examples to a stub."""
     used = set()
-    for path in (ROOT / "action.yml", ROOT / ".github/workflows/action-selftest.yml"):
+    for path in (ROOT / "action.yml", ROOT / ".github/workflows/action-selftest.yml",
+                 *sorted((ROOT / "examples/workflows").glob("*.yml"))):
         used |= {u.split("@")[0] for u in _uses(yaml.safe_load(path.read_text())) if not u.startswith("./")}
     stubs = {f"actions/{p.parent.name}" for p in (ROOT / ".ci/act/stubs").glob("*/action.yml")}
+    stubs.add("fuse-llm/fuse")  # this checkout's action.yml
     assert used <= stubs, f"no act stub for {sorted(used - stubs)}"
+
+
+def test_every_example_has_an_act_run_and_a_header_pipeline():
+    """.ci/act-examples.py runs each example file with the pipeline of its header comment."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("act_examples", ROOT / ".ci/act-examples.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for path in sorted((ROOT / "examples/workflows").glob("*.yml")):
+        assert path.stem in mod.EXAMPLES, f"{path.name}: no act run in .ci/act-examples.py"
+        text = mod.header_pipeline(path, "0" * 40)
+        doc = yaml.safe_load(text)
+        assert doc["version"] == 1 and doc["stages"], path.name
+        event = mod.EXAMPLES[path.stem][0]
+        triggers = yaml.safe_load(path.read_text())[True]  # YAML 1.1 reads the key `on` as True
+        assert event in triggers, f"{path.name}: act runs it on {event}, not one of its triggers"
 
 
 # --------------------------------------------------------------------------- the action's steps
