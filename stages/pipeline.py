@@ -460,8 +460,15 @@ def load(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Pipeline
     _link_stages(stages, located)
     for s in stages:  # cross-parameter rules a stage declares (e.g. publish to: hub needs repo_id)
         check = getattr(s.module, "check_params", None)
-        if check:
+        if not check:
+            continue
+        try:
             check(SimpleNamespace(params=s.params, stage=s, pipeline=SimpleNamespace(path=path.resolve())))
+        except (OSError, ValueError) as e:  # a parameter names a path the system refuses (too long, NUL byte)
+            what = getattr(e, "strerror", None) or str(e)
+            raise FuseError("F103", f"a parameter of stage '{s.id}' cannot be used: {_show(what, 120)[1:-1]}"
+                            + (f" ({_show(e.filename)})" if getattr(e, "filename", None) else ""),
+                            file=file, line=s.line, key=s.id, fix="give a path the file system can hold") from None
 
     recorded = {
         "version": data.get("version", 1),

@@ -120,7 +120,8 @@ WORDS = ["base", "adapter", "./base", "../base", "org/name", "org/name@main", "h
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.sampled_from(WORDS)
            | st.text(max_size=12))
 KEYS = st.sampled_from(PARAM_NAMES) | st.sampled_from(["version", "name", "base", "adapter", "adapters", "workdir",
-                                                       "stages", "path", "weight", "<<"]) | st.text(max_size=8)
+                                                       "stages", "path", "weight", "<<", "dataset", "samples",
+                                                       "seq_len", "split", "field"]) | st.text(max_size=8)
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
                       max_leaves=10)
 STAGE_NAME = st.sampled_from(list(STAGE_MODULES) + ["quantise", "", "Merge"]) | st.text(max_size=6)

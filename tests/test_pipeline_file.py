@@ -277,6 +277,9 @@ HOSTILE = [
     ("ids differing in case", GOOD + "  - merge: {id: MERGE}\n", "F106", 9, None),
     ("NUL in a path", GOOD.replace("path: out", 'path: "o\\0ut"'), "F103", 8, "publish.path"),
     ("256-byte path component", GOOD.replace("path: out", "path: " + "o" * 256), "F103", 8, "publish.path"),
+    ("256-byte calibration file name", GOOD.replace("  - validate\n", "").replace(
+        "  - publish", "  - quantize: {calibration: {dataset: " + "c" * 300 + ".txt}}\n  - publish"), "F103", 7,
+     "quantize"),
     ("NaN weight", GOOD.replace("adapter: adapter", "adapters: [{path: adapter, weight: .nan}]"), "F103", 4,
      "weight"),
     ("NaN threshold", GOOD.replace("  - validate\n", "  - check: {max_kl: .nan}\n"), "F103", 6, "max_kl"),
