@@ -11,7 +11,8 @@ A *secret* is
 Every such value of at least :data:`MIN_SECRET_LEN` characters (and each line of a
 multi-line value) is replaced by :data:`PLACEHOLDER` in every line Fuse prints (the CLI's
 streams pass through :class:`RedactingStream`; findings redact when rendered), and in
-every file it writes (manifest, stat cache, model card, provenance, job summary).
+every file it writes (manifest, library logs it keeps, model card, provenance, job summary).
+Where a secret would be published or become a path, the pipeline loader refuses it (F113).
 
 Why 6: every common flag word (``1``, ``0``, ``true``, ``false``, ``yes``, ``none``, ``auto``)
 is at most 5 characters long, and secret-named variables often hold one
