@@ -37,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+# .ci/run sets HF_HUB_OFFLINE=1 for everything else; the only Hub here is the local test server.
+# huggingface_hub reads it at import time: set before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "0"
 
 from fake_hub import FakeHub  # noqa: E402
 
@@ -232,7 +235,7 @@ def run_example(name: str, hub: FakeHub, inputs: dict, base_sha: str, python_bin
         "ACT_SRC": repo, "ACT_ARTIFACTS": store, "ACT_RELEASES": releases, "ACT_ATTESTATIONS": attest,
         "FUSE_ACT_PYTHON_BIN": python_bin, "PYTHONPATH": site,
         "PATH": f"{ROOT / '.ci/act/bin'}:{python_bin}:{os.environ['PATH']}",
-        "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": WORK / "hf-home",
+        "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": WORK / "hf-home", "HF_HUB_OFFLINE": "0",
         "FUSE_TORCH_CPU_INDEX": "file:///nonexistent/torch-cpu-index",  # torch is found installed, never fetched
         "PIP_NO_INPUT": "1", "TOKENIZERS_PARALLELISM": "false",
         "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
