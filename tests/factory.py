@@ -187,3 +187,15 @@ def load_conv_model(model_dir, dtype=torch.float32) -> ConvNet:
     model = ConvNet().to(dtype)
     model.load_state_dict(load_file(Path(model_dir) / "model.safetensors"))
     return model.eval()
+
+
+def assert_logits_match(ours, ref, per_unit: float = 2e-5) -> None:
+    """Logits of a merged model vs the unmerged oracle's, in float32. The two forwards round differently
+    (W0 + ΔW once vs W0·x + B·A·x), by an amount that scales with the logits' magnitude, and the BLAS
+    kernel (which differs between CPUs and thread counts) picks the order of every sum; so the tolerance
+    is ``per_unit`` times the largest logit (at least 1), not a fixed number. A wrong merge (a scale, a
+    transposed or missing update) is off by orders of magnitude more."""
+    import torch
+
+    atol = per_unit * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=0)

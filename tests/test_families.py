@@ -26,7 +26,7 @@ from stages.peft.adapter import load_adapter
 from stages.peft.merge import merge_model
 from stages.peft.plan import plan_merge
 
-from factory import (SENTENCES, load_conv_model, make_conv_model, make_lora_adapter, make_peft_adapter,
+from factory import (SENTENCES, assert_logits_match, load_conv_model, make_conv_model, make_lora_adapter, make_peft_adapter,
                      make_tiny_model)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -139,7 +139,7 @@ def check_family(base, adapter, tmp_path, dtype=torch.float32, atol=2e-5, min_ch
     unmerged, ref_state, ref_logits = peft_merged(base, adapter, dtype)
     assert_matches(tmp_path / "out", ref_state, base=base, changed_at_least=min_changed, adapter=adapter)
     if dtype == torch.float32:
-        torch.testing.assert_close(logits_of(tmp_path / "out"), unmerged, atol=atol, rtol=0)
+        assert_logits_match(logits_of(tmp_path / "out"), unmerged, per_unit=atol)
     else:  # same dtype as peft's merged model: its logits are the oracle of the rounding
         torch.testing.assert_close(logits_of(tmp_path / "out", dtype), ref_logits, atol=0.05, rtol=0)
     return report
@@ -273,7 +273,7 @@ def check_coft(base, adapter, tmp_path, dtype):
     with torch.no_grad():
         assert_matches(tmp_path / "out", loaded.merge_and_unload().state_dict(), base=base, adapter=adapter)
     if dtype == torch.float32:
-        torch.testing.assert_close(logits_of(tmp_path / "out"), peft_merged(base, adapter)[0], atol=2e-5, rtol=0)
+        assert_logits_match(logits_of(tmp_path / "out"), peft_merged(base, adapter)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -426,7 +426,7 @@ def test_conv_layers_match_peft(tmp_path, monkeypatch, kind):
         # peft's OFT forward on a padded Conv2d rotates unpadded patches, so its own merged model departs from
         # it (peft 0.21.2); there the oracle is peft's merged model
         oracle = peft_merged_model(x1, x2) if kind == "oft" else unmerged
-        torch.testing.assert_close(merged(x1, x2), oracle, atol=2e-5, rtol=0)
+        assert_logits_match(merged(x1, x2), oracle)
 
 
 # ---------------------------------------------------------------- LoRA: vocabulary, tokens, bias, experts
@@ -459,7 +459,7 @@ def test_resized_vocabulary(llama, tmp_path, how):
     assert report.metrics["vocab_size"] == 260
     out_model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     with torch.no_grad():
-        torch.testing.assert_close(out_model(ids).logits, unmerged, atol=2e-5, rtol=0)
+        assert_logits_match(out_model(ids).logits, unmerged)
 
 
 def test_resized_embedding_without_lm_head_is_f204(llama, tmp_path):
@@ -502,7 +502,7 @@ def test_trainable_tokens_on_tied_embeddings_stay_tied(tmp_path):
     unmerged, _, _ = peft_merged(STORIES, adapter)
     assert report.metrics["untied_embeddings"] is False
     assert "lm_head.weight" not in read_output(tmp_path / "out")
-    torch.testing.assert_close(logits_of(tmp_path / "out"), unmerged, atol=2e-5, rtol=0)
+    assert_logits_match(logits_of(tmp_path / "out"), unmerged)
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])

@@ -21,7 +21,7 @@ from stages.peft.adapter import NOT_MERGEABLE, load_adapter
 from stages.peft.merge import merge_model
 from stages.peft.plan import get_pattern_key, plan_merge
 
-from factory import SENTENCES, make_lora_adapter, make_tiny_model
+from factory import SENTENCES, assert_logits_match, make_lora_adapter, make_tiny_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "fixtures" / "stories260K-hf"
@@ -116,7 +116,7 @@ def test_llama_fp32_rslora_patterns_match_peft(llama, llama_adapter, tmp_path):
     assert sum(progress) == sum(t.nbytes for t in ModelWeights.open(llama).tensors.values())
     unmerged, ref_state, _ = peft_reference(llama, [llama_adapter])
     assert_matches_peft(tmp_path / "out", ref_state)
-    torch.testing.assert_close(logits_of(tmp_path / "out"), unmerged, atol=2e-5, rtol=0)
+    assert_logits_match(logits_of(tmp_path / "out"), unmerged)
     assert report.metrics["tensors_merged"] == 2 * len(ALL_LINEAR)
     assert report.metrics["tensors_copied"] == len(ModelWeights.open(llama).tensors) - 2 * len(ALL_LINEAR)
 
@@ -148,7 +148,7 @@ def test_dora_embedding_lm_head_modules_to_save_match_peft(llama, tmp_path):
     merge_model(llama, [(adapter, 1.0)], tmp_path / "out")
     unmerged, ref_state, _ = peft_reference(llama, [adapter])
     assert_matches_peft(tmp_path / "out", ref_state)
-    torch.testing.assert_close(logits_of(tmp_path / "out"), unmerged, atol=2e-5, rtol=0)
+    assert_logits_match(logits_of(tmp_path / "out"), unmerged)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -159,7 +159,7 @@ def test_fan_in_fan_out_gpt2_matches_peft(tmp_path, use_dora):
     merge_model(base, [(adapter, 1.0)], tmp_path / "out")
     unmerged, ref_state, _ = peft_reference(base, [adapter])
     assert_matches_peft(tmp_path / "out", ref_state)
-    torch.testing.assert_close(logits_of(tmp_path / "out"), unmerged, atol=2e-5, rtol=0)
+    assert_logits_match(logits_of(tmp_path / "out"), unmerged)
 
 
 @pytest.mark.parametrize("arch,targets", [("mistral", ["q_proj", "down_proj"]), ("gemma", ["k_proj", "up_proj"]),
@@ -170,7 +170,7 @@ def test_other_architectures_match_peft(tmp_path, arch, targets):
     merge_model(base, [(adapter, 1.0)], tmp_path / "out")
     unmerged, ref_state, _ = peft_reference(base, [adapter])
     assert_matches_peft(tmp_path / "out", ref_state)
-    torch.testing.assert_close(logits_of(tmp_path / "out"), unmerged, atol=2e-5, rtol=0)
+    assert_logits_match(logits_of(tmp_path / "out"), unmerged)
 
 
 def test_weighted_sum_of_two_adapters(llama, llama_adapter, tmp_path):
@@ -212,7 +212,7 @@ def test_stories260k_tied_embeddings(tmp_path, targets, untied):
     assert ("lm_head.weight" in names) is untied
     # the forward of the unmerged adapter is the oracle: for a tied model whose embedding the
     # adapter changes, peft's own merge changes lm_head too and so departs from it
-    torch.testing.assert_close(logits_of(tmp_path / "out"), unmerged, atol=2e-5, rtol=0)
+    assert_logits_match(logits_of(tmp_path / "out"), unmerged)
 
 
 # ---------------------------------------------------------------- planner
@@ -337,7 +337,7 @@ def test_sharded_output_loads_with_transformers(llama, llama_adapter, tmp_path):
             assert f.metadata() == {"format": "pt"}
     assert set(report.hashes) >= set(shards) | {"model.safetensors.index.json"}
     unmerged, _, _ = peft_reference(llama, [llama_adapter])
-    torch.testing.assert_close(logits_of(out), unmerged, atol=2e-5, rtol=0)
+    assert_logits_match(logits_of(out), unmerged)
 
 
 def test_hf_cache_layout_with_symlinked_shards(llama, llama_adapter, tmp_path):
