@@ -387,8 +387,10 @@ class Runner:
                            workdir=self.workdir, manifest=self.manifest, log=self.log,
                            input_dir=(self.workdir / up.id) if up else None, input_stage=up.id if up else None,
                            _resolve_base=self.base)
+        made = False
         try:
             tmp.mkdir()
+            made = True  # from here the temp dir is ours to remove
             self._check_space(s, ctx)
             metrics = mod.run(ctx) or {}
             files = [mf.file_record(tmp, rel, ctx.hashes.get(rel)) for rel in mf.list_files(tmp)]
@@ -398,7 +400,8 @@ class Runner:
             mf.crash_point("stage-output:" + s.id)
             self._swap_into_place(tmp, self.workdir / s.id, trash)
         except BaseException as e:  # record the failure, leave nothing half-written
-            shutil.rmtree(tmp, ignore_errors=True)
+            if made:
+                shutil.rmtree(tmp, ignore_errors=True)
             finding = _finding_for(e, s, tmp, self.workdir)
             rec = self.manifest.stages[s.id]
             rec.update(status="failed", finished_at=mf.now(), seconds=round(time.time() - started, 3),
