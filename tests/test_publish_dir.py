@@ -631,3 +631,37 @@ def test_cli_collision_exits_2_and_read_only_target_exits_1(project, readonly_di
     assert r.returncode == 1 and "Traceback" not in r.stderr and "F406" not in r.stderr
     assert "F510" in r.stderr and str(readonly_dir / "dist") in r.stderr
     assert sum("error F" in line for line in r.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", "model.onnx"])
+def test_someone_elses_weights_in_the_target_are_F509_whatever_their_name(tmp_path, weights):
+    """Another model's weight file beside the published shards would be loaded with them (or instead of
+    them): a collision even when no name matches. Nothing is written; the user's file is kept."""
+    target = tmp_path / "dist"
+    target.mkdir()
+    (target / weights).write_bytes(b"someone else's weights")
+    before = tree(target)
+    with pytest.raises(FuseError) as e:
+        publish(release(tmp_path / "src", 2), target)  # shards model-0000N-of-00002.safetensors
+    assert e.value.finding.code == "F509" and weights in e.value.finding.message
+    assert tree(target) == before and temps(target) == []
+
+
+def test_preflight_names_a_collision_before_the_model_exists_and_writes_nothing(tmp_path):
+    """The runner's check before any stage: Fuse's own file names (and foreign weights) are known before the
+    merge runs. Reads only: a target that does not exist is not created."""
+    target = tmp_path / "dist"
+    pub = dirpub.Publisher({"path": str(target)}, log=lambda m: None)
+    pub.preflight(["README.md", "SHA256SUMS", dirpub.PROVENANCE])
+    assert not target.exists()
+    target.mkdir()
+    (target / "SHA256SUMS").write_text("mine\n")
+    with pytest.raises(FuseError) as e:
+        dirpub.Publisher({"path": str(target)}, log=lambda m: None).preflight(["README.md", "SHA256SUMS"])
+    assert e.value.finding.code == "F509" and "SHA256SUMS" in e.value.finding.message
+    assert tree(target) == {"SHA256SUMS": b"mine\n"}
+    # an earlier Fuse publish there owns its files: no collision
+    shutil.rmtree(target)
+    publish(release(tmp_path / "src", 1), target)
+    dirpub.Publisher({"path": str(target)}, log=lambda m: None).preflight(["README.md", "SHA256SUMS",
+                                                                         "model.safetensors"])

@@ -41,6 +41,10 @@ JOURNAL = ".fuse-publish.json"
 JOURNAL_VERSION = 1
 TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")  # what _atomic_copy names its temp files
 CHUNK = 1 << 20
+# Weight files of another model in the target would be mixed with the published ones: a collision
+# even when the names differ (a foreign model.safetensors beside Fuse's shards).
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.onnx", "*.onnx.data",
+                "*.gguf", "*.pt", "*.pth")
 
 
 def safe_rel(rel: str) -> bool:
@@ -183,27 +187,51 @@ class Publisher(_Base):
     @_findings
     def claim(self, files):
         """The ownership rule, in one place: every path this publish writes must be free or Fuse's
-        own (``F509`` otherwise, before anything is written); then the journal records the claim."""
-        foreign = []
-        for f in files:
-            problem = self._blocked(f.path)
-            if problem is None and f.path not in self.owned and f.path != JOURNAL:
-                dest = self.target / f.path
-                if dest.exists() or dest.is_symlink():
-                    problem = f"{f.path} (not published by Fuse)"
-            if problem:
-                foreign.append(problem)
+        own, and no weight file of someone else's may lie where the model's weights go (``F509``
+        otherwise, before anything is written); then the journal records the claim."""
+        foreign = self._foreign([f.path for f in files], self.owned)
         if foreign:
-            names = [p.split(" (")[0] for p in foreign]
-            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-            raise self.error("F509", f"publish path {self.target} already holds {foreign[0]}{more}, where Fuse must "
-                                     f"write the model; Fuse overwrites or removes only files it published there",
-                             key="path", fix=f"move or rename {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                                             f", or publish to another path")
+            raise self._collision(foreign)
         wanted = {f.path: f for f in files}
         self._clean_temps(set(wanted) | self.owned | {JOURNAL})
         self._write_journal(files, sorted(set(wanted) | self.owned), complete=False)
         kill_point("dir:journal")
+
+    def preflight(self, names) -> None:
+        """The same rule before any stage runs (the runner calls this), for the paths known then
+        (``names``: Fuse's own files, the model's files when its stage already ran). Reads only."""
+        target = self.target.resolve()
+        if not target.is_dir():
+            return
+        self.target = target
+        with self._fs(target):
+            foreign = self._foreign(list(names), self._recorded())
+        if foreign:
+            raise self._collision(foreign)
+
+    def _foreign(self, names: list[str], owned: set[str]) -> list[str]:
+        """What stands in the way: each of ``names`` that exists and is not ``owned`` (or that
+        :meth:`_blocked` refuses), and each weight file at the top of the target that is not owned."""
+        weights = {p.name for p in self.target.iterdir() if p.is_file() and any(p.match(g) for g in WEIGHT_FILES)} \
+            if self.target.is_dir() else set()
+        foreign = []
+        for rel in dict.fromkeys([*names, *sorted(weights)]):  # in the model's order, then the rest
+            problem = self._blocked(rel)
+            if problem is None and rel not in owned and rel != JOURNAL:
+                dest = self.target / rel
+                if dest.exists() or dest.is_symlink():
+                    problem = f"{rel} (not published by Fuse)"
+            if problem:
+                foreign.append(problem)
+        return foreign
+
+    def _collision(self, foreign: list[str]):
+        names = [p.split(" (")[0] for p in foreign]
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        return self.error("F509", f"publish path {self.target} already holds {foreign[0]}{more}, where Fuse must "
+                                  f"write the model; Fuse overwrites or removes only files it published there",
+                          key="path", fix=f"move or rename {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                                          f", or publish to another path")
 
     def _blocked(self, rel: str) -> str | None:
         """Why Fuse may not write or remove ``rel`` here, whatever the records say (None: it may)."""
