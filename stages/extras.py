@@ -58,7 +58,9 @@ def install_fix(needs: dict) -> str:
     extras = sorted(needs)
     if os.environ.get("FUSE_ACTION") == "1":
         have = [e for e in re.split(r"[,\s]+", os.environ.get("FUSE_ACTION_EXTRAS", "")) if e]
-        return f"set the action's input `extras: {','.join(have + [e for e in extras if e not in have])}`"
+        if any(e not in have for e in extras):
+            return f"set the action's input `extras: {','.join(have + [e for e in extras if e not in have])}`"
+        # the input names them, yet they are missing (a runner's own environment): name the packages
     reqs: list[str] = []
     for extra in extras:
         reqs += [r for r in requirements(extra) or sorted(needs[extra]) if r not in reqs]

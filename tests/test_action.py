@@ -239,6 +239,8 @@ def test_outside_the_action_f602_names_the_packages_of_the_extra(monkeypatch):
     monkeypatch.setenv("FUSE_ACTION", "1")
     monkeypatch.setenv("FUSE_ACTION_EXTRAS", "")
     assert extras.install_fix({"quantize": [], "export": []}) == "set the action's input `extras: export,quantize`"
+    monkeypatch.setenv("FUSE_ACTION_EXTRAS", "gguf, export")
+    assert extras.install_fix({"export": []}) == fix  # already asked for, still missing: the packages
 
 
 def test_the_actions_python_leaves_the_jobs_python_alone():
