@@ -183,6 +183,13 @@ PIPELINE = "version: 1\nname: fz\nbase: base\nadapter: adapter\nworkdir: w\nstag
 FIXED = [{"schema_version": "1", "stages": {}}, [], {"schema_version": 1, "stages": {"merge": 5}}]
 
 
+def _limit_memory():
+    """Bounded memory: an 8 GiB address space (torch's import reserves ~3 GiB of it)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+
 def cli(command: str, data) -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -193,7 +200,7 @@ def cli(command: str, data) -> None:
         args = {"status": ["status", "pipeline.yaml"], "run": ["run", "pipeline.yaml"],
                 "verify": ["verify", "w"], "show": ["show", "w"]}[command]
         r = subprocess.run([sys.executable, "-m", "stages", *args], cwd=root, capture_output=True, text=True,
-                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_limit_memory)
     assert r.returncode in (0, 1, 2), (data, r.stderr[-2000:])
     assert "Traceback" not in r.stderr and "bug in Fuse" not in r.stderr, (data, r.stderr[-2000:])
     if r.returncode:
