@@ -292,11 +292,15 @@ def _usage(prov: dict, model_id: str, target: str) -> str:
     out = []
     if kind == "quantized":
         out += ["With [transformers](https://github.com/huggingface/transformers) and the quantizer's kernels "
-                "(`pip install gptqmodel optimum`). On CPU load it in float32: in bfloat16 GPTQModel's CPU kernel "
-                "is about 25 times slower (the 135M-parameter demo model took 122-155 s for 24 tokens in bfloat16, "
-                "5 s in float32).", "", "```python", "import torch"]
+                "(`pip install gptqmodel optimum`). The checkpoint is made for GPUs (vLLM, SGLang, transformers on "
+                "CUDA). On CPU, GPTQModel's kernel unpacks every layer's weights at each forward: several times "
+                "slower than the merged model, and slower still in bfloat16 (with torch.compile recompiling per "
+                "shape), so the snippet loads it in float32 there; for CPU inference the merged model or an ONNX "
+                "export serves better.", "", "```python", "import torch"]
     else:
         out += ["With [transformers](https://github.com/huggingface/transformers):", "", "```python"]
+        if causal:
+            out.append("import torch")
     out += [f"from transformers import {auto}" + (", AutoTokenizer" if model.get("tokenizer") else ""), "",
             f'# "{model_id}": {what}']
     if model.get("tokenizer"):
@@ -309,8 +313,6 @@ def _usage(prov: dict, model_id: str, target: str) -> str:
         out.append(f'model = {auto}.from_pretrained("{model_id}")')
     if causal:
         out += _chat_input(model)
-        if kind != "quantized":
-            out.append("import torch")
         out += ["inputs = torch.tensor([ids], device=model.device)",
                 "output = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=24, "
                 "do_sample=False)"]
