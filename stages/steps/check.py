@@ -556,8 +556,10 @@ def compare_logits(plan, merged, adapters, options: dict, *, max_params: int, pr
     test = M.run_prompts(test_model, token_prompts, greedy_tokens, greedy_prompts)
     del test_model
     values = M.compare(ref, test, token_prompts)
-    return {"metrics": values, "thresholds": limits, "dtype": dtype, "prompts": source,
-            "failures": M.gate(values, limits)}
+    failures = M.gate(values, limits)
+    log(f"  check: logits {'outside the gate' if failures else 'passed'}: "
+        + M.describe(values, limits, ("max_abs_diff", "kl_mean", "top1_agreement", "greedy_agreement", "ppl_ratio")))
+    return {"metrics": values, "thresholds": limits, "dtype": dtype, "prompts": source, "failures": failures}
 
 
 class _Unsupported(Exception):
