@@ -98,9 +98,13 @@ class Runner:
                             fix="point workdir: at a directory (Fuse creates it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(10):  # `status` probes the lock with a shared lock for an instant: not a run
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
             os.close(fd)
             holder = ""
             try:
