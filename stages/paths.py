@@ -143,3 +143,23 @@ def check_merge_output(out, base, adapters) -> None:
     check_write(out, reads, what="output", here=None, file=str(out),
                 fix="write the merged model to a new directory outside the base, the adapters and the "
                     "Hugging Face cache")
+
+
+def portable(value, here: Path):
+    """``value`` with every absolute path made relative to ``here`` (the pipeline's directory), or cut to
+    its last part when outside it: what Fuse writes for others to read (published files, stage reports)
+    must be the same bytes in every checkout, and must not carry a user's home directory."""
+    if isinstance(value, dict):
+        return {k: portable(v, here) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, here) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        try:
+            return Path(value).resolve().relative_to(Path(here).resolve()).as_posix()
+        except (ValueError, OSError, RuntimeError):
+            return Path(value).name
+    if isinstance(value, str):  # a message that names a path inside the pipeline's directory
+        for prefix in {f"{Path(here).resolve()}{os.sep}", f"{Path(here).absolute()}{os.sep}"}:
+            value = value.replace(prefix, "")
+    return value
+

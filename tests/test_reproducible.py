@@ -144,6 +144,24 @@ def test_every_published_file_is_byte_identical_across_checkouts(runs):
     assert not differ, differ
 
 
+def stage_outputs(work: Path) -> dict[str, bytes]:
+    """Every file of every stage's output directory in the workdir (not the manifest, logs or caches)."""
+    workdir = work / "runs" / "tiny"
+    return {p.relative_to(workdir).as_posix(): p.read_bytes() for d in sorted(workdir.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and d.name != "logs" for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+def test_every_stage_output_is_byte_identical_across_checkouts(runs):
+    """Not only what is published: each stage's own output (validate's and check's reports included) is the
+    same bytes at another path, so a workdir's outputs can be compared or moved between machines."""
+    a, b = (stage_outputs(r["work"]) for r in runs["runs"])
+    assert {"validate/report.json", "check/report.json", "merge/model.safetensors", "export/model.onnx"} <= set(a)
+    assert sorted(a) == sorted(b)
+    differ = [name for name in a if a[name] != b[name]]
+    assert not differ, differ
+
+
 def needles(runs) -> dict[str, bytes]:
     """Strings no published file may hold: the checkouts, the project source, the repository, $HOME,
     the user name (when long enough not to occur by chance in weights)."""

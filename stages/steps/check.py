@@ -93,7 +93,10 @@ def run(ctx) -> dict:
                          greedy_tokens=ctx.params["greedy_tokens"], greedy_prompts=ctx.params["greedy_prompts"],
                          thresholds={k: ctx.params[k] for k in THRESHOLD_PARAMS}, log=ctx.log)
     report = _jsonable(report)
+    from ..paths import portable
+
     saved = dict(report, metrics={k: v for k, v in report["metrics"].items() if k != "seconds"})  # no timings
+    saved = portable(saved, ctx.pipeline.path.parent)  # no local paths: the same report in every checkout
     (ctx.output_dir / "report.json").write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
     return report["metrics"]
 

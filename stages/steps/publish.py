@@ -134,20 +134,9 @@ def provenance(ctx) -> dict:
 
 
 def _portable(value, here: Path):
-    """A parameter value with every absolute path made relative to the pipeline's directory (or cut to
-    its file name when outside it): what is published must not differ between checkouts."""
-    import os
+    from ..paths import portable
 
-    if isinstance(value, dict):
-        return {k: _portable(v, here) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_portable(v, here) for v in value]
-    if isinstance(value, str) and os.path.isabs(value):
-        try:
-            return Path(value).resolve().relative_to(here.resolve()).as_posix()
-        except ValueError:
-            return Path(value).name
-    return value
+    return portable(value, here)
 
 
 def _step(m, spec, here: Path) -> dict:

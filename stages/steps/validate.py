@@ -76,9 +76,13 @@ def run(ctx) -> dict:
         raise FuseError(first["code"], first["message"] + " (strict: warnings are errors"
                         + (f"; {more} more warning{'s' if more > 1 else ''}" if more else "") + ")",
                         file=first.get("file"), key=first.get("key"), fix=first.get("fix"))
+    from ..paths import portable
+
     report["base"]["source"] = ctx.base.describe()
     seconds, free = report.pop("seconds"), report["disk"].pop("free_bytes")  # the file holds no timings
-    (ctx.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    # paths relative to the pipeline's directory: the same report in every checkout
+    shown = portable(report, ctx.pipeline.path.parent)
+    (ctx.output_dir / "report.json").write_text(json.dumps(shown, indent=2, sort_keys=True, default=str) + "\n")
     return dict(report["plan"], warnings=len(report["warnings"]), seconds=seconds,
                 disk_need_bytes=report["disk"]["need_bytes"], disk_free_bytes=free)
 
