@@ -306,6 +306,7 @@ class Runner:
             self.clean_temp()
             self.check_workdir(selected)
             self._check_requirements(selected)
+            self._check_publish_dirs(selected)
             started = False
             summary = {}
             for s in selected:
@@ -354,6 +355,25 @@ class Runner:
                         file=self.p.path, line=stage.line, key=stage.id,
                         fix=f"{install_fix(by_extra)} (or run the stages before it here and the rest "
                             "where they are installed: --until / --from)")
+
+    def _check_publish_dirs(self, selected: list[StageSpec]) -> None:
+        """Before any stage runs: a ``to: dir`` publish that will run finds no file of someone else's
+        where it must write (F509), for the names known now: Fuse's own files, and the model's files
+        when the stage it publishes already ran. The publish checks the exact list again when it starts."""
+        from .card import PROVENANCE, SUMS
+        from .publishers.dir import README, Publisher
+
+        for s in selected:
+            if s.name != "publish" or s.params.get("to") != "dir" or not s.params.get("path"):
+                continue
+            if not self.force and self.evaluate(s).fresh:
+                continue
+            names = [README, PROVENANCE, SUMS]
+            up = upstream_of(s, self.p.stages)
+            rec = self.manifest.record(up.id) if up else None
+            if rec and rec.get("status") == "done":
+                names = [f["path"] for f in rec.get("outputs", []) if isinstance(f.get("path"), str)] + names
+            Publisher(s.params, log=self.log, stage_id=s.id, file=self.p.path, line=s.line).preflight(names)
 
     def _check_upstream_done(self, s: StageSpec, selected: list[StageSpec]):
         up = upstream_of(s, self.p.stages) if s.module.INPUT else None

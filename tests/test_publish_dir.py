@@ -665,3 +665,17 @@ def test_preflight_names_a_collision_before_the_model_exists_and_writes_nothing(
     publish(release(tmp_path / "src", 1), target)
     dirpub.Publisher({"path": str(target)}, log=lambda m: None).preflight(["README.md", "SHA256SUMS",
                                                                          "model.safetensors"])
+
+
+def test_cli_collision_is_found_before_any_stage_runs(project):
+    """Issue 12, Deliver 1: a user file where Fuse must write is an error before any stage runs, not after the
+    merge: Fuse's own file names and foreign weights are known up front."""
+    for name in ("README.md", "model.safetensors"):
+        shutil.rmtree(project / "runs", ignore_errors=True)
+        shutil.rmtree(project / "dist", ignore_errors=True)
+        (project / "dist").mkdir()
+        (project / "dist" / name).write_text("the user's")
+        r = fuse("run", "pipeline.yaml", cwd=project, check=False)
+        assert r.returncode == 2 and "F509" in r.stderr and name in r.stderr and "Traceback" not in r.stderr
+        assert "[merge] running" not in r.stderr and not (project / "runs/w/merge").exists()
+        assert sorted(os.listdir(project / "dist")) == [name]
