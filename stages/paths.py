@@ -11,19 +11,16 @@ resolved, symlinks included, and refused with ``F111`` (exit 2) when it
   ``$GITHUB_WORKSPACE``;
 - (a publish path) equals, lies inside or contains the workdir, or another publish path.
 
-Stage ids name directories in the workdir, so they are checked here too: a plain name, not one
-of the entries Fuse keeps there. The rules are stated in docs/safety.md.
+Stage ids name directories in the workdir: the pipeline loader checks them (one rule,
+``stages.pipeline._check_name`` and ``RESERVED_IDS``). The rules are stated in docs/safety.md.
 """
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from .findings import FuseError
 
-RESERVED = {"manifest.json", ".fuse-statcache.json", ".lock", "logs", ".bases"}  # Fuse's own workdir entries
-STAGE_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,99}")
 
 
 def resolved(p) -> Path:
@@ -106,15 +103,9 @@ def run_reads(pipeline) -> list[tuple[str, Path]]:
 
 
 def check_run_paths(pipeline) -> None:
-    """Every path the pipeline writes, checked once before the workdir is created (F111, F103)."""
+    """Every path the pipeline writes, checked once before the workdir is created (F111)."""
     here = pipeline.path.parent
     file = str(pipeline.path)
-    for s in pipeline.stages:
-        if not STAGE_ID.fullmatch(s.id) or s.id in RESERVED:
-            raise FuseError("F103", f"stage id '{s.id[:100]}' cannot name a directory in the workdir",
-                            file=file, line=s.line, key=f"{s.id[:100]}.id",
-                            fix="use letters, digits, '.', '_' or '-' (at most 100), and none of "
-                                + ", ".join(sorted(RESERVED)))
     reads = run_reads(pipeline)
     workdir_line = (getattr(pipeline, "lines", None) or {}).get(("workdir",))
     check_write(pipeline.workdir, reads, what="workdir", here=here, file=file, line=workdir_line, key="workdir",

@@ -44,7 +44,7 @@ MAX_STEPS = 100  # stages, and adapters
 MAX_NAME_LEN = 100  # the name and stage ids become file and directory names
 # the name and stage ids: ASCII letters, digits, '.', '_', '-', starting with a letter or digit
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RESERVED_IDS = ("manifest.json", "logs")  # <workdir>/<id>/ must not be what Fuse keeps there (dot names can't pass)
+RESERVED_IDS = ("manifest.json", "logs")  # <workdir>/<id>/ must not be what Fuse keeps there (.lock, .bases, ...: dot names can't pass)
 # explicit tags allowed: those of plain strings, numbers, booleans, null, lists and mappings
 _SAFE_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
