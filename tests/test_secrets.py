@@ -19,20 +19,11 @@ import pytest
 from stages import secrets
 from stages.findings import Finding, FuseError
 from stages.pipeline import STAGE_MODULES, load, stage_module
+from test_pipeline_file import GOOD  # the same small pipeline
 
 SECRET = "hf_MY_SECRET_value_9f8e7d6c5b4a"
 ROOT = Path(__file__).resolve().parents[1]
 
-GOOD = """\
-version: 1
-name: demo
-base: base
-adapter: adapter
-stages:
-  - validate
-  - merge: {dtype: bfloat16}
-  - publish: {to: dir, path: out}
-"""
 
 
 @pytest.fixture
