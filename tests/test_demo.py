@@ -191,6 +191,6 @@ def test_readme_transcript_is_what_the_demo_prints(demo):
         sys.path.pop(0)
     root, first = demo
     readme = (ROOT / "README.md").read_text()
-    assert rt.masked(rt.block(readme, "first")) == rt.masked(rt.shorten(first))
+    assert rt.masked(rt.block(readme, "first")) == rt.masked(rt.shorten(first, root))
     second = run_cli(root, "run", "pipeline.yaml")
-    assert rt.masked(rt.block(readme, "second")) == rt.masked(rt.shorten(second.stderr))
+    assert rt.masked(rt.block(readme, "second")) == rt.masked(rt.shorten(second.stderr, root))

@@ -24,9 +24,16 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 _HEX = re.compile(r"\b[0-9a-f]{8,}\b")
 
 
-def shorten(log: str) -> list[str]:
-    """The lines a reader needs: each line cut to WIDTH characters."""
-    lines = [ln.rstrip() for ln in log.splitlines() if ln.strip()]
+_PROGRESS = re.compile(r"^\s+\S+: \d+/\d+ ")  # "  check: 200/272 tensors probed": how many depends on speed
+
+
+def shorten(log: str, root: str | os.PathLike | None = None) -> list[str]:
+    """The lines a reader needs, as a user in ``root`` (the directory the demo ran in) sees them: paths
+    relative to it, progress lines left out (their count depends on the machine's speed), each line
+    cut to WIDTH characters."""
+    if root is not None:
+        log = log.replace(f"{Path(root).resolve()}/", "").replace(f"{Path(root)}/", "")
+    lines = [ln.rstrip() for ln in log.splitlines() if ln.strip() and not _PROGRESS.match(ln)]
     return [ln if len(ln) <= WIDTH else ln[:WIDTH - 4].rstrip() + " ..." for ln in lines]
 
 
@@ -48,7 +55,7 @@ def replace(text: str, marker: str, lines: list[str]) -> str:
                   + m.group(2), text, count=1, flags=re.S)
 
 
-def run_demo() -> tuple[str, str]:
+def run_demo() -> tuple[list[str], list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shutil.copy(ROOT / "pipeline.yaml", root / "pipeline.yaml")
@@ -59,22 +66,23 @@ def run_demo() -> tuple[str, str]:
         for r in runs:
             if r.returncode:
                 raise SystemExit(r.stderr)
-        return runs[0].stderr, runs[1].stderr
+        return shorten(runs[0].stderr, root), shorten(runs[1].stderr, root)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--log", help="the first run's log (default: run the demo now)")
     ap.add_argument("--second-log", help="the second run's log")
+    ap.add_argument("--root", help="the directory the logged run ran in (its paths are shown relative to it)")
     args = ap.parse_args()
     if args.log:
-        first = Path(args.log).read_text()
-        second = Path(args.second_log).read_text() if args.second_log else None
+        first = shorten(Path(args.log).read_text(), args.root)
+        second = shorten(Path(args.second_log).read_text(), args.root) if args.second_log else None
     else:
         first, second = run_demo()
-    text = replace(README.read_text(), "first", shorten(first))
+    text = replace(README.read_text(), "first", first)
     if second is not None:
-        text = replace(text, "second", shorten(second))
+        text = replace(text, "second", second)
     README.write_text(text)
     print("README.md transcript updated", file=sys.stderr)
     return 0
