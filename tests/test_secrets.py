@@ -118,6 +118,7 @@ def test_mask_secrets_uses_the_same_rule(monkeypatch):
             monkeypatch.delenv(k)
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "true")
     monkeypatch.setenv("MY_TOKEN", SECRET)
+    monkeypatch.setattr(secrets, "_remembered", set())  # credentials earlier tests' publishers found
     buf = io.StringIO()
     report.mask_secrets(buf)
     assert buf.getvalue() == f"::add-mask::{SECRET}\n"

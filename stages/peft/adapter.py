@@ -213,7 +213,9 @@ CONFIG_TYPES = {
     "feedforward_modules": (_NAMES, "a list of module names, a regular expression, or null"),
     "modules_to_save": (_either(_null, _list_of(_str)), "a list of module names or null"),
     "target_parameters": (_either(_null, _list_of(_str)), "a list of parameter names or null"),
-    "rank_pattern": (_PATTERN, "an object of module-path regular expression -> rank"),
+    # AdaLoRA saves the ranks it kept per module as a list of booleans (peft's adalora/model.py)
+    "rank_pattern": (_either(_null, _dict_of(_regex, _either(_num, _list_of(_bool)))),
+                     "an object of module-path regular expression -> rank (AdaLoRA: a list of booleans)"),
     "alpha_pattern": (_PATTERN, "an object of module-path regular expression -> alpha"),
     "layers_to_transform": (_either(_null, _int, _list_of(_int)), "an integer, a list of integers, or null"),
     "layers_pattern": (_either(_null, _str, _list_of(_str)), "a string, a list of strings, or null"),
