@@ -297,13 +297,20 @@ def test_rotations_in_strips_match_peft(llama, qwen2_bf16, tmp_path, monkeypatch
     assert report.metrics["tensors_merged"] == len(targets)
 
 
-def summation_bound(R, W, terms: int):
-    """Elementwise bound on how far two float32 evaluations of ``R @ W.t()`` that sum in different orders
-    can be apart: 2·γ_k·(|R| @ |W|.t()), γ_k = k·u / (1 - k·u), u = 2⁻²⁴, k the nonzero terms per sum
-    (Higham, Accuracy and Stability, §3.5). BLAS kernels pick the order per CPU, shape and thread count."""
+def blockwise(W, blocks, embedding: bool):
+    """(exact, bound): the product of W with R = block_diag(blocks) in float64, block by block (einsum, no dense
+    R), and the elementwise bound on how far two float32 evaluations that sum in different orders can be
+    apart: 2·γ_b·(|R|·|W|), γ_b = b·u / (1 - b·u), u = 2⁻²⁴, b terms per sum (Higham, Accuracy and Stability,
+    §3.5). BLAS kernels pick the order per CPU, shape and thread count."""
+    out_f, n = W.shape
+    b = blocks.shape[-1]
+    R = blocks.double().expand(n // b, b, b)
+    Wb = W.double().reshape(out_f, n // b, b)
+    spec = "jmk,mki->jmi" if embedding else "jmk,mik->jmi"  # W @ R, or (R @ W.t()).t()
+    exact = torch.einsum(spec, Wb, R).reshape(out_f, n)
     u = 2.0 ** -24
-    gamma = terms * u / (1 - terms * u)
-    return 2 * gamma * (R.abs().double() @ W.abs().double().t())
+    gamma = b * u / (1 - b * u)
+    return exact, 2 * gamma * torch.einsum(spec, Wb.abs(), R.abs()).reshape(out_f, n)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -327,12 +334,8 @@ def test_oft_block_rotate_is_the_dense_product(monkeypatch, threads):
                 dense = torch.block_diag(*R.expand(n // b, b, b))
                 for embedding in (False, True):
                     ours = oft.block_rotate(W, R, embedding=embedding).double()
-                    if embedding:  # W @ R: (R.t() @ W.t()).t()
-                        ref, exact = torch.mm(W, dense), W.double() @ dense.double()
-                        bound = summation_bound(dense.t(), W, b).t()
-                    else:
-                        ref, exact = torch.mm(dense, W.t()).t(), (dense.double() @ W.double().t()).t()
-                        bound = summation_bound(dense, W, b).t()
+                    ref = torch.mm(W, dense) if embedding else torch.mm(dense, W.t()).t()  # peft's product
+                    exact, bound = blockwise(W, R, embedding)
                     where = (out_f, n, b, len(R), embedding)
                     assert ((ours - ref.double()).abs() <= bound).all(), where
                     assert ((ours - exact).abs() <= bound / 2).all(), where
@@ -350,9 +353,9 @@ def test_summation_bound_catches_a_misplaced_block():
     W = torch.randn(64, n, generator=gen)
     swapped = blocks.clone()
     swapped[[3, 4]] = blocks[[4, 3]]
-    dense = torch.block_diag(*blocks)
-    wrong = oft.block_rotate(W, swapped).double()
-    assert not ((wrong - torch.mm(dense, W.t()).t().double()).abs() <= summation_bound(dense, W, b).t()).all()
+    exact, bound = blockwise(W, blocks, embedding=False)
+    assert not ((oft.block_rotate(W, swapped).double() - exact).abs() <= bound).all()
+    assert ((oft.block_rotate(W, blocks).double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("kind,block", [("oft", 8), ("oft", 128), ("boft", 128)])
