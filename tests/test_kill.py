@@ -159,3 +159,90 @@ def test_a_kill_in_a_manifest_write_leaves_the_old_manifest_and_a_temp_file_the_
     assert json.loads((w / "manifest.json").read_text())["stages"]["validate"]["status"] == "running"
     r = fuse("run", "pipeline.yaml", "--until", "validate", cwd=root)
     assert "[validate] running: interrupted" in r.stderr and not list(w.glob(".manifest.json.*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantize and export: the same promise at their boundaries, on test_reproducible's pipeline (a trained
+# tiny Llama with a tokenizer, so the gates mean something). Minutes per case on 2 cores: FUSE_SLOW=1.
+
+HEAVY = [f"{where}:{sid}" for sid in ("quantize", "export") for where in ("stage-start", "stage-output", "stage-done")]
+
+
+def heavy_outputs(root: Path) -> dict:
+    """relpath -> sha256 of every stage output (the workdir's stage directories) and published file."""
+    out = {}
+    workdir = root / "runs/tiny"
+    tops = [d for d in sorted(workdir.iterdir()) if d.is_dir() and not d.name.startswith(".") and d.name != "logs"]
+    for top in tops + [root / "dist"]:
+        for p in sorted(top.rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def heavy(tmp_path_factory):
+    import test_reproducible as rp
+
+    if not (rp.HAVE_GPTQ and rp.HAVE_ONNX):
+        pytest.skip("quantize and export need gptqmodel, optimum, onnx, onnxscript, onnxruntime")
+    src = rp.make_project(tmp_path_factory.mktemp("heavy") / "src", quantize=True)
+    ref = tmp_path_factory.mktemp("heavy-ref") / "p"
+    shutil.copytree(src, ref, symlinks=True)
+    fuse("run", "pipeline.yaml", cwd=ref)
+    return src, heavy_outputs(ref)
+
+
+@pytest.mark.skipif(not SLOW, reason="FUSE_SLOW=1 runs the quantize/export kill matrix (minutes per case)")
+@pytest.mark.parametrize("point", HEAVY)
+def test_a_run_killed_at_a_quantize_or_export_boundary_resumes_byte_identical(point, heavy, tmp_path):
+    src, reference = heavy
+    root = tmp_path / "p"  # another path than the reference's: stage outputs name no local path
+    shutil.copytree(src, root, symlinks=True)
+    r = run_killed(root, point)
+    assert r.returncode == 137, f"{point} was never reached:\n{r.stderr[-2000:]}"
+    r = fuse("run", "pipeline.yaml", cwd=root)
+    assert "Traceback" not in r.stderr
+    assert heavy_outputs(root) == reference
+    leftover = [str(p.relative_to(root)) for top in (root / "runs/tiny", root / "dist") for p in top.rglob("*")
+                if p.name.startswith((".tmp-", ".trash-")) or p.name.endswith(".tmp")]
+    assert leftover == []
+    assert fuse("verify", "runs/tiny", cwd=root).returncode == 0
+
+
+def kill_when_written(root: Path, sid: str, pattern: str, timeout: float = 900) -> int:
+    """Run the pipeline and SIGKILL it (as kill -9) the moment a file matching ``pattern`` appears in
+    stage ``sid``'s temp output: inside the writer (GPTQModel's save, torch.onnx's), not at a boundary."""
+    import glob
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stages", "run", "pipeline.yaml"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if glob.glob(str(root / "runs/tiny" / f".tmp-{sid}-*" / "**" / pattern), recursive=True):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.skipif(not SLOW, reason="FUSE_SLOW=1 runs the quantize/export kill matrix (minutes per case)")
+@pytest.mark.parametrize("sid,pattern", [("quantize", "*.safetensors"), ("export", "model.onnx*")])
+def test_a_run_killed_while_quantize_or_export_writes_resumes_byte_identical(sid, pattern, heavy, tmp_path):
+    src, reference = heavy
+    root = tmp_path / "p"
+    shutil.copytree(src, root, symlinks=True)
+    assert kill_when_written(root, sid, pattern) == -9, f"{sid} never wrote {pattern}"
+    r = fuse("run", "pipeline.yaml", cwd=root)
+    assert "Traceback" not in r.stderr
+    assert heavy_outputs(root) == reference
+    leftover = [str(p.relative_to(root)) for top in (root / "runs/tiny", root / "dist") for p in top.rglob("*")
+                if p.name.startswith((".tmp-", ".trash-")) or p.name.endswith(".tmp")]
+    assert leftover == []
