@@ -81,9 +81,11 @@ def project(root: Path, inputs: Path) -> Path:
 
 
 def outputs(root: Path) -> dict:
-    """relpath -> sha256 of every stage output and published file; temp leftovers are listed as such."""
+    """relpath -> sha256 of every stage output (the workdir's stage directories) and published file."""
     out = {}
-    for top in [root / "runs/tiny" / s for s in STAGES] + [root / "dist"]:
+    workdir = root / "runs/tiny"
+    tops = [d for d in sorted(workdir.iterdir()) if d.is_dir() and not d.name.startswith(".") and d.name != "logs"]
+    for top in tops + [root / "dist"]:
         for p in sorted(top.rglob("*")):
             if p.is_file():
                 out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
@@ -168,18 +170,6 @@ def test_a_kill_in_a_manifest_write_leaves_the_old_manifest_and_a_temp_file_the_
 HEAVY = [f"{where}:{sid}" for sid in ("quantize", "export") for where in ("stage-start", "stage-output", "stage-done")]
 
 
-def heavy_outputs(root: Path) -> dict:
-    """relpath -> sha256 of every stage output (the workdir's stage directories) and published file."""
-    out = {}
-    workdir = root / "runs/tiny"
-    tops = [d for d in sorted(workdir.iterdir()) if d.is_dir() and not d.name.startswith(".") and d.name != "logs"]
-    for top in tops + [root / "dist"]:
-        for p in sorted(top.rglob("*")):
-            if p.is_file():
-                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 @pytest.fixture(scope="module")
 def heavy(tmp_path_factory):
     import test_reproducible as rp
@@ -190,7 +180,7 @@ def heavy(tmp_path_factory):
     ref = tmp_path_factory.mktemp("heavy-ref") / "p"
     shutil.copytree(src, ref, symlinks=True)
     fuse("run", "pipeline.yaml", cwd=ref)
-    return src, heavy_outputs(ref)
+    return src, outputs(ref)
 
 
 @pytest.mark.skipif(not SLOW, reason="FUSE_SLOW=1 runs the quantize/export kill matrix (minutes per case)")
@@ -203,10 +193,8 @@ def test_a_run_killed_at_a_quantize_or_export_boundary_resumes_byte_identical(po
     assert r.returncode == 137, f"{point} was never reached:\n{r.stderr[-2000:]}"
     r = fuse("run", "pipeline.yaml", cwd=root)
     assert "Traceback" not in r.stderr
-    assert heavy_outputs(root) == reference
-    leftover = [str(p.relative_to(root)) for top in (root / "runs/tiny", root / "dist") for p in top.rglob("*")
-                if p.name.startswith((".tmp-", ".trash-")) or p.name.endswith(".tmp")]
-    assert leftover == []
+    assert outputs(root) == reference
+    assert leftovers(root) == []
     assert fuse("verify", "runs/tiny", cwd=root).returncode == 0
 
 
@@ -242,7 +230,5 @@ def test_a_run_killed_while_quantize_or_export_writes_resumes_byte_identical(sid
     assert kill_when_written(root, sid, pattern) == -9, f"{sid} never wrote {pattern}"
     r = fuse("run", "pipeline.yaml", cwd=root)
     assert "Traceback" not in r.stderr
-    assert heavy_outputs(root) == reference
-    leftover = [str(p.relative_to(root)) for top in (root / "runs/tiny", root / "dist") for p in top.rglob("*")
-                if p.name.startswith((".tmp-", ".trash-")) or p.name.endswith(".tmp")]
-    assert leftover == []
+    assert outputs(root) == reference
+    assert leftovers(root) == []
